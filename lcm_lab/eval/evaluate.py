@@ -1,0 +1,470 @@
+"""Evaluate a model + sampler + step count on a prompt set: one row of metrics.
+
+Images are generated with fixed per-image seeds (image ``i`` gets seed ``base_seed + i`` and
+prompt ``i`` of the set, cycling when more images than prompts are asked for), in batches,
+and streamed through the metric accumulators, so memory does not grow with the number of
+images. Optionally every image is written as ``{index:05d}.png`` (atomically) with a
+``captions.json`` index, for external tools.
+
+Metrics (``metrics=``):
+
+* ``fd`` (+ ``fd_real``) and ``accuracy`` (+ ``acc_<attribute>``): the toy world's judge
+  (:mod:`lcm_lab.eval.toy`); toy prompts only;
+* ``clip``: CLIP score (Hessel et al. 2021), ``toy-clip`` for toy prompts, else the ``clip``
+  reward with a user-supplied open_clip model;
+* ``fid`` / ``kid`` (+ ``kid_std``): Inception FID (Heusel et al. 2017) / KID (Bińkowski et al.
+  2018) against held-out real toy images, or a user folder of reference images
+  (:mod:`lcm_lab.eval.fid`);
+* ``hpsv2`` (+ ``hpsv2_<style>``): HPSv2 (Wu et al. 2023), mean x 100 per style;
+* always: ``sec_per_image`` (generation wall-clock, text encoding and VAE decoding included,
+  metrics excluded, after one warm-up image).
+
+Default metrics (``metrics=None``): toy prompts -> ``fd, accuracy, clip``; other prompt sets ->
+``clip`` if a CLIP model is given (argument or ``$LCM_LAB_CLIP_CHECKPOINT``), ``hpsv2`` if an
+HPS checkpoint is given; ``fid, kid`` whenever a reference folder or Inception weights are given
+(FID/KID on non-toy prompts need the reference folder).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..rewards import RewardModel
+from .clip_metrics import ScoreMean, load_clip_metric, load_hps_metric, reward_scores
+from .frechet import FeatureStats, fd_between
+from .prompts import PromptSet, load_prompt_set
+
+METRICS = ("fd", "accuracy", "clip", "fid", "kid", "hpsv2")
+TOY_METRICS = ("fd", "accuracy", "clip")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+BASE_KEYS = ("model", "sampler", "steps", "guidance", "num_samples", "seed", "prompt_set")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a temp file next to ``path``, then rename it over ``path``."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def _cell(value) -> str:
+    from .toy import format_number
+
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return format_number(value)
+    return str(value).replace("|", "\\|")
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """A markdown table of ``rows``; columns in first-seen key order unless given."""
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _json_value(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN/inf
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_metrics(rows: Sequence[dict], out_dir: str | os.PathLike, stem: str = "metrics") -> tuple[Path, Path]:
+    """Write ``<stem>.json`` (a list of rows) and ``<stem>.md`` (a markdown table), atomically.
+
+    Returns:
+        the two paths.
+    """
+    out = Path(out_dir)
+    clean = [{k: _json_value(v) for k, v in row.items()} for row in rows]
+    json_path = atomic_write_text(out / f"{stem}.json", json.dumps(clean, indent=2) + "\n")
+    md_path = atomic_write_text(out / f"{stem}.md", format_table(rows))
+    return json_path, md_path
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files (png/jpg/jpeg/webp/bmp) directly in ``folder``, sorted by name."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"reference image folder {root} does not exist")
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"reference image folder {root} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def load_reference_images(files: Sequence[Path], size: int) -> torch.Tensor:
+    """Images center-cropped to a square and resized to ``size`` (PIL bicubic, antialiased),
+    as uint8 ``(N, 3, size, size)``: the same resolution as the generated images, so both sides
+    reach Inception through the same resize."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                side = min(img.size)
+                left, top = (img.width - side) // 2, (img.height - side) // 2
+                img = img.crop((left, top, left + side, top + side))
+                if side != size:
+                    img = img.resize((size, size), Image.BICUBIC)
+                out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+        except OSError as exc:
+            raise ValueError(f"cannot read reference image {path}: {exc}") from None
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricSuite:
+    """Metric models and reference statistics, loaded once and shared by many evaluations.
+
+    Args:
+        metrics: names from :data:`METRICS`, or ``None`` for the defaults (see the module docstring).
+        toy: whether the prompts are toy-world prompts (with attributes).
+        device: where the metric networks run.
+        clip: CLIP-score model (path, or a loaded :class:`~lcm_lab.rewards.RewardModel`);
+            for toy prompts, overrides the toy-clip folder.
+        clip_arch: open_clip architecture of a bare CLIP weights file.
+        hps, hps_version, hps_arch: HPSv2 checkpoint (or loaded model), version, architecture.
+        inception: InceptionV3 weights file (see :func:`lcm_lab.eval.fid.inception_weights_path`).
+        reference: folder of reference images for FID/KID (default for toy prompts: held-out
+            real toy images).
+        reference_num: number of held-out real toy images (toy FD/FID reference).
+        judge: a loaded toy judge (default: the embedded one).
+        fid_options: extra keyword arguments of :class:`~lcm_lab.eval.fid.InceptionMetrics`
+            (``antialias``, ``inception_dtype``, ``feature``, ``kid_subset_size`` ...).
+        batch_size: images per metric-network forward.
+
+    Raises:
+        ValueError / FileNotFoundError up front (before anything is generated) when a metric
+        cannot be computed: toy metrics without toy prompts, missing weights, no FID reference.
+    """
+
+    def __init__(self, metrics: Sequence[str] | None = None, *, toy: bool, device: str | torch.device = "cpu",
+                 clip: str | os.PathLike | RewardModel | None = None, clip_arch: str | None = None,
+                 hps: str | os.PathLike | RewardModel | None = None, hps_version: str = "v2.1",
+                 hps_arch: str | os.PathLike = "ViT-H-14", inception: str | os.PathLike | None = None,
+                 reference: str | os.PathLike | None = None, reference_num: int = 1000, judge=None,
+                 fid_options: dict | None = None, batch_size: int = 64):
+        self.toy = bool(toy)
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.reference_num = int(reference_num)
+        if metrics is None:
+            metrics = self.default_metrics(toy, clip=clip, hps=hps, reference=reference, inception=inception)
+        metrics = [m.strip() for m in metrics if m.strip()]
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+        toy_only = [m for m in metrics if m in ("fd", "accuracy")]
+        if toy_only and not toy:
+            raise ValueError(f"metric(s) {toy_only} need the toy world's prompts (--prompts toy)")
+        self.metrics = tuple(dict.fromkeys(metrics))
+        self.judge = None
+        if toy_only:
+            from .toy import load_judge
+
+            self.judge = judge if judge is not None else load_judge()
+            self.judge.to(self.device).eval()
+        self.clip = load_clip_metric(toy, clip, clip_arch, self.device) if "clip" in self.metrics else None
+        self.hps = load_hps_metric(hps, hps_version, hps_arch, self.device) if "hpsv2" in self.metrics else None
+        self.inception = None
+        self.reference_files = None
+        if "fid" in self.metrics or "kid" in self.metrics:
+            from .fid import InceptionMetrics
+
+            if reference is None and not toy:
+                raise ValueError("FID/KID need reference images: pass a folder of real images (--reference DIR)")
+            self.reference_files = list_images(reference) if reference is not None else None
+            self.inception = InceptionMetrics(inception, device=self.device, kid="kid" in self.metrics,
+                                              **(fid_options or {}))
+        self._toy_refs: list = []  # [(vae, ToyReference)]
+        self._fid_ref_size = None
+
+    @staticmethod
+    def default_metrics(toy: bool, clip=None, hps=None, reference=None, inception=None) -> tuple[str, ...]:
+        """The metrics computed when none are named: toy -> ``fd, accuracy, clip``; otherwise
+        ``clip`` / ``hpsv2`` when their weights are given (argument or environment variable);
+        in both cases ``fid, kid`` when a reference folder or Inception weights are given."""
+        out = list(TOY_METRICS) if toy else []
+        if not toy and (clip is not None or os.environ.get("LCM_LAB_CLIP_CHECKPOINT")):
+            out.append("clip")
+        if hps is not None or (not toy and os.environ.get("LCM_LAB_HPS_CHECKPOINT")):
+            out.append("hpsv2")
+        if reference is not None or inception is not None:
+            out += ["fid", "kid"]
+        return tuple(out)
+
+    # -- references
+
+    def _toy_reference(self, vae):
+        """Judge statistics of held-out real toy images and of their VAE reconstructions
+        (:func:`lcm_lab.eval.toy.toy_reference`, with the images moved to the networks' devices)."""
+        from .toy import ToyReference, judge_features, real_images, vae_reconstruct
+
+        for known, ref in self._toy_refs:
+            if known is vae:
+                return ref
+        images, _ = real_images(self.reference_num)
+        vae_device = next(vae.parameters()).device
+        recon = vae_reconstruct(vae, images.to(vae_device))
+        ref = ToyReference(FeatureStats.of(judge_features(self.judge, recon.to(self.device)).cpu()),
+                           FeatureStats.of(judge_features(self.judge, images.to(self.device)).cpu()),
+                           self.reference_num)
+        self._toy_refs.append((vae, ref))
+        return ref
+
+    def _fid_reference(self, size: int) -> None:
+        if self._fid_ref_size == size:
+            return
+        if self._fid_ref_size is not None:
+            self.inception.reset()
+        if self.reference_files is None:
+            from .toy import real_images
+
+            images, _ = real_images(self.reference_num)
+            if images.shape[-1] != size:
+                images = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic",
+                                                         antialias=True, align_corners=False).clamp(0, 1)
+            self.inception.update(images, real=True)
+        else:
+            for start in range(0, len(self.reference_files), self.batch_size):
+                chunk = self.reference_files[start:start + self.batch_size]
+                self.inception.update(load_reference_images(chunk, size), real=True)
+        self._fid_ref_size = size
+
+    # -- one evaluation
+
+    def start(self, vae=None, image_size: int | None = None) -> "_Accumulator":
+        """A fresh accumulator for one evaluation (computes references on first use)."""
+        return _Accumulator(self, vae, image_size)
+
+
+class _Accumulator:
+    """Streams batches of generated images into every metric of a :class:`MetricSuite`."""
+
+    def __init__(self, suite: MetricSuite, vae, image_size: int | None):
+        self.suite = suite
+        self.count = 0
+        self.toy_ref = suite._toy_reference(vae) if "fd" in suite.metrics else None
+        self.judge_stats = FeatureStats()
+        self.acc_sums: dict[str, float] = {}
+        self.clip = ScoreMean()
+        self.hps = ScoreMean(scale=100.0)
+        if suite.inception is not None:
+            if image_size is None:
+                raise ValueError("FID/KID need the generated image size to prepare the reference")
+            suite._fid_reference(image_size)
+            suite.inception.reset_fake()
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> None:
+        from .toy import judge_features, prompt_accuracy
+
+        s, n = self.suite, len(images)
+        metrics = s.metrics
+        if "fd" in metrics:
+            self.judge_stats.update(judge_features(s.judge, images.to(s.device)).cpu())
+        if "accuracy" in metrics:
+            attrs = [m.get("attributes") for m in metadata]
+            if any(a is None for a in attrs):
+                raise ValueError("accuracy needs toy prompts with attributes in their metadata")
+            for k, v in prompt_accuracy(s.judge, images.to(s.device), attrs).items():
+                self.acc_sums[k] = self.acc_sums.get(k, 0.0) + v * n
+        if s.clip is not None:
+            self.clip.update(reward_scores(s.clip, images, prompts, s.batch_size))
+        if s.hps is not None:
+            self.hps.update(reward_scores(s.hps, images, prompts, s.batch_size), [m.get("style") for m in metadata])
+        if s.inception is not None:
+            s.inception.update(images, real=False)
+        self.count += n
+
+    def result(self) -> dict:
+        s, out = self.suite, {}
+        if "fd" in s.metrics:
+            out["fd"] = fd_between(self.judge_stats, self.toy_ref.recon)
+            out["fd_real"] = fd_between(self.judge_stats, self.toy_ref.real)
+        if "accuracy" in s.metrics:
+            out.update({k: v / self.count for k, v in self.acc_sums.items()})
+        if s.clip is not None:
+            out["clip"] = self.clip.mean()
+        if s.inception is not None:
+            res = s.inception.compute()
+            if "fid" in s.metrics:
+                out["fid"] = res["fid"]
+            if "kid" in s.metrics:
+                out.update(kid=res["kid"], kid_std=res["kid_std"])
+            out["fid_reference_num"] = res["num_real"]
+        if s.hps is not None:
+            out.update(self.hps.summary("hpsv2"))
+        return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def image_size_of(model) -> int:
+    """Side of the images a loaded LDM generates (latent size x VAE factor)."""
+    return model.latent_shape[1] * 2 ** (len(model.vae.config.block_out_channels) - 1)
+
+
+def resolve_prompts(prompt_set, num_samples: int | None, tokenizer=None, per_style: int | None = None) -> PromptSet:
+    """A :class:`PromptSet` from a spec string, a PromptSet, or a list of prompts / pairs."""
+    if isinstance(prompt_set, PromptSet):
+        return prompt_set
+    if isinstance(prompt_set, (str, os.PathLike)):
+        return load_prompt_set(str(prompt_set), num=num_samples, tokenizer=tokenizer, per_style=per_style)
+    items = [(p, {}) if isinstance(p, str) else (p[0], dict(p[1])) for p in prompt_set]
+    if not items:
+        raise ValueError("empty prompt list")
+    return PromptSet(items, name="list")
+
+
+def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set="toy",
+             num_samples: int | None = None, seeds: int | Sequence[int] = 0, guidance: float | None = None,
+             metrics: Sequence[str] | None = None, save_images_dir: str | os.PathLike | None = None,
+             batch_size: int = 32, *, suite: MetricSuite | None = None, device: str | torch.device | None = None,
+             clip=None, hps=None, inception=None, reference=None, reference_num: int = 1000,
+             per_style: int | None = None, truncate: bool = False, gamma: float = 0.3, warmup: bool = True,
+             progress: bool = True, name: str | None = None, fid_options: dict | None = None) -> dict:
+    """Generate ``num_samples`` images with one sampler setting and measure them: one row.
+
+    Args:
+        model: a diffusers pipeline folder, a loaded
+            :class:`~lcm_lab.models.sd.LatentDiffusionModel`, or ``None`` (the toy teacher).
+        sampler, steps, guidance, gamma: sampler settings (see :func:`lcm_lab.generation.generate`);
+            ``guidance`` defaults to the toy teacher's 3.0.
+        prompt_set: ``"toy"``, a text file, ``"hps:DIR"``, ``"coco:FILE"`` (see
+            :func:`~lcm_lab.eval.prompts.load_prompt_set`), a :class:`~lcm_lab.eval.prompts.PromptSet`
+            or a list of prompts / ``(prompt, metadata)`` pairs.
+        num_samples: number of images (default: one per prompt). Image ``i`` uses prompt
+            ``i % len(prompts)``.
+        seeds: base seed (image ``i`` gets ``seeds + i``) or one seed per image.
+        metrics: metric names (see the module docstring); ``None`` for the defaults.
+        save_images_dir: write ``{index:05d}.png`` and ``captions.json`` there.
+        batch_size: images per sampler call.
+        suite: a prepared :class:`MetricSuite` (shared across rows); otherwise one is built from
+            ``metrics``, ``clip``, ``hps``, ``inception``, ``reference``, ``reference_num``,
+            ``fid_options``.
+        device: where the model runs (default CUDA when available).
+        per_style: HPS prompts per style.
+        truncate: truncate over-long prompts instead of failing.
+        warmup: generate one untimed, unscored image first so ``sec_per_image`` excludes
+            one-time costs.
+        name: the ``model`` column (default: the folder path).
+
+    Returns:
+        ``{model, sampler, steps, guidance, num_samples, seed, prompt_set, <metrics>..., sec_per_image}``
+        (+ ``images_dir`` when images are saved).
+    """
+    from ..generation import DEFAULT_STEPS, generate
+    from ..imaging import save_grid
+    from ..models.sd import LatentDiffusionModel, load_ldm
+
+    if guidance is None:
+        from ..toy import TEACHER_GUIDANCE
+
+        guidance = TEACHER_GUIDANCE
+    if isinstance(model, LatentDiffusionModel):
+        ldm = model
+    else:
+        ldm = load_ldm(model, device=device or _default_device())
+    device = ldm.device
+    steps = steps or DEFAULT_STEPS.get(sampler)
+    if steps is None:
+        raise ValueError(f"unknown sampler {sampler!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    pset = resolve_prompts(prompt_set, num_samples, ldm.tokenizer, per_style)
+    n = len(pset) if num_samples is None else int(num_samples)
+    if n < 1:
+        raise ValueError(f"num_samples must be >= 1, got {n}")
+    prompts = [pset[i % len(pset)][0] for i in range(n)]
+    metadata = [pset[i % len(pset)][1] for i in range(n)]
+    if not truncate:  # fail before generating anything, not in the middle of the run
+        limit, unique = ldm.tokenizer.model_max_length, sorted(set(prompts))
+        long = [p for p, ids in zip(unique, ldm.tokenizer(unique).input_ids) if len(ids) > limit]
+        if long:
+            raise ValueError(f"{len(long)} prompt(s) of {pset.name} exceed the model's {limit} tokens "
+                             f"(e.g. {long[0][:80]!r}); shorten them or pass truncate=True (--truncate)")
+    if isinstance(seeds, int):
+        seed_list = [seeds + i for i in range(n)]
+    else:
+        seed_list = [int(s) for s in seeds]
+        if len(seed_list) != n:
+            raise ValueError(f"got {len(seed_list)} seeds for {n} images")
+
+    toy = pset.name == "toy"
+    if suite is None:
+        suite = MetricSuite(metrics, toy=toy, device=device, clip=clip, hps=hps, inception=inception,
+                            reference=reference, reference_num=reference_num, fid_options=fid_options)
+    acc = suite.start(vae=ldm.vae, image_size=image_size_of(ldm))
+    out_dir = Path(save_images_dir) if save_images_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    kwargs = dict(sampler=sampler, steps=steps, guidance_scale=guidance, gamma=gamma, truncate=truncate,
+                  progress=False, batch_size=batch_size)
+    if warmup:
+        generate(ldm, prompts[:1], seed_list[:1], **kwargs)
+    gen_seconds = 0.0
+    batches = range(0, n, batch_size)
+    for start in tqdm(batches, desc=f"eval {sampler}-{steps}", disable=not progress, unit="batch"):
+        chunk = slice(start, start + batch_size)
+        _sync(device)
+        t0 = time.perf_counter()
+        images = generate(ldm, prompts[chunk], seed_list[chunk], **kwargs)
+        _sync(device)
+        gen_seconds += time.perf_counter() - t0
+        acc.update(images, prompts[chunk], metadata[chunk])
+        if out_dir is not None:
+            for j, image in enumerate(images.cpu()):
+                save_grid(image[None], out_dir / f"{start + j:05d}.png")
+    row = {"model": name or str(ldm.path), "sampler": sampler, "steps": int(steps), "guidance": float(guidance),
+           "num_samples": n, "seed": seed_list[0],
+           "prompt_set": pset.name}
+    row.update(acc.result())
+    row["sec_per_image"] = gen_seconds / n
+    if out_dir is not None:
+        captions = [{"file": f"{i:05d}.png", "prompt": p, "seed": s, **m}
+                    for i, (p, s, m) in enumerate(zip(prompts, seed_list, metadata))]
+        atomic_write_text(out_dir / "captions.json", json.dumps(captions, indent=1) + "\n")
+        row["images_dir"] = str(out_dir)
+    return row

@@ -1,0 +1,124 @@
+"""Metrics of the embedded toy world: judge features (FD), prompt accuracy, floors.
+
+FD is the Fréchet distance between judge features of generated images and of VAE
+reconstructions of held-out real images: a generator can at best reproduce what the
+VAE decodes, so measuring against raw images would let the VAE's own error dominate and
+hide differences between samplers. The floors say how small FD can get at this sample
+size: two independent reconstructed sets, two independent real sets, and the VAE's own
+error (reconstructions vs real images).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.sd import assets_dir
+from ..toy.judge import AttributeJudge
+from ..toy.world import ATTRIBUTE_NAMES, ToyWorld, attribute_labels
+from .frechet import FeatureStats, fd_between
+
+EVAL_SEED = 1234  # seed of the held-out evaluation stream (split "eval")
+
+
+def toy_judge_dir() -> Path:
+    return assets_dir() / "toy" / "judge"
+
+
+def load_judge(path=None) -> AttributeJudge:
+    return AttributeJudge.from_pretrained(path or toy_judge_dir())
+
+
+def eval_prompts(n: int, start: int = 0, split: str = "eval") -> tuple[list[str], list[dict]]:
+    """``n`` held-out (caption, attributes) pairs of the evaluation stream."""
+    pairs = ToyWorld(EVAL_SEED, split).prompts(n, start)
+    return [p for p, _ in pairs], [a for _, a in pairs]
+
+
+def real_images(n: int, start: int = 0, split: str = "eval") -> tuple[torch.Tensor, list[dict]]:
+    """``n`` held-out real images (N, 3, 32, 32) in [0, 1] and their attributes."""
+    world = ToyWorld(EVAL_SEED, split)
+    samples = [world[i] for i in range(start, start + n)]
+    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
+    return images, [s.attributes for s in samples]
+
+
+@torch.no_grad()
+def judge_features(judge: AttributeJudge, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    return torch.cat([judge.features(chunk) for chunk in images.split(batch_size)])
+
+
+@torch.no_grad()
+def prompt_accuracy(judge: AttributeJudge, images: torch.Tensor, attributes: list[dict],
+                    batch_size: int = 500) -> dict[str, float]:
+    """Fraction of images whose every attribute the judge reads as the prompt says
+    (``accuracy``), and the per-attribute accuracies (``acc_<name>``)."""
+    pred = torch.cat([judge.predict(chunk) for chunk in images.split(batch_size)])
+    target = torch.tensor([attribute_labels(a) for a in attributes])
+    correct = pred == target
+    out = {"accuracy": correct.all(1).float().mean().item()}
+    out.update({f"acc_{k}": correct[:, j].float().mean().item() for j, k in enumerate(ATTRIBUTE_NAMES)})
+    return out
+
+
+@torch.no_grad()
+def vae_reconstruct(vae, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """Images in [0, 1] through the VAE (posterior mode) and back, in [0, 1]."""
+    outs = []
+    for chunk in images.split(batch_size):
+        z = vae.encode(chunk * 2 - 1).latent_dist.mode()
+        outs.append((vae.decode(z).sample / 2 + 0.5).clamp(0, 1))
+    return torch.cat(outs)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean per-image PSNR (dB) of images in [0, 1]."""
+    mse = (a - b).square().flatten(1).mean(1).clamp(min=1e-12)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+@dataclass
+class ToyReference:
+    """Reference statistics for toy FD: judge features of held-out real images and of
+    their VAE reconstructions (the set generated images are compared against)."""
+
+    recon: FeatureStats
+    real: FeatureStats
+    num: int
+
+
+def toy_reference(judge: AttributeJudge, vae, num: int = 1000, start: int = 0) -> ToyReference:
+    images, _ = real_images(num, start)
+    recon = vae_reconstruct(vae, images)
+    return ToyReference(FeatureStats.of(judge_features(judge, recon)),
+                        FeatureStats.of(judge_features(judge, images)), num)
+
+
+def toy_metrics(judge: AttributeJudge, reference: ToyReference, images: torch.Tensor,
+                attributes: list[dict]) -> dict[str, float]:
+    """FD (vs reconstructions), FD vs real images, and prompt accuracy of generated images."""
+    feats = judge_features(judge, images)
+    out = {"fd": fd_between(feats, reference.recon), "fd_real": fd_between(feats, reference.real)}
+    out.update(prompt_accuracy(judge, images, attributes))
+    return out
+
+
+def toy_floors(judge: AttributeJudge, vae, num: int = 1000) -> dict[str, float]:
+    """FD floors at this sample size, from two disjoint held-out real sets A and B."""
+    a, _ = real_images(num, 0)
+    b, _ = real_images(num, num)
+    fa, fb = judge_features(judge, a), judge_features(judge, b)
+    ra, rb = judge_features(judge, vae_reconstruct(vae, a)), judge_features(judge, vae_reconstruct(vae, b))
+    return {
+        "fd_recon_vs_recon": fd_between(rb, ra),  # floor of `fd` (generated vs reconstructions)
+        "fd_real_vs_real": fd_between(fb, fa),    # floor of `fd_real`
+        "fd_recon_vs_real": fd_between(rb, fa),   # the VAE's own error
+    }
+
+
+def format_number(x: float) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}" if abs(x) < 100 else f"{x:.1f}"

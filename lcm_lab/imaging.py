@@ -1,0 +1,64 @@
+"""Image files in and out: PNG grids (written atomically) and init images for img2img."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) floats in [0, 1] -> uint8 (N, H, W, 3)."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile (N, 3, H, W) images into one uint8 (H', W', 3) array, ``nrow`` images per row."""
+    arr = to_uint8(images)
+    n, h, w, _ = arr.shape
+    cols = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, img in enumerate(arr):
+        r, c = divmod(i, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
+    return grid
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> Path:
+    """Save one image or a grid as PNG; written to a temp file, then renamed."""
+    from PIL import Image
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arr = to_uint8(images)[0] if len(images) == 1 else make_grid(images, nrow)
+    img = Image.fromarray(arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    tmp = out.with_name(out.name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, out)
+    return out
+
+
+def load_images(paths: list[str], size: int) -> torch.Tensor:
+    """Load RGB images, resized to ``size`` x ``size``, as (N, 3, size, size) in [0, 1].
+
+    A missing or unreadable file raises ValueError naming it.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+                out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255)
+        except FileNotFoundError:
+            raise ValueError(f"init image {p} does not exist") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"cannot read init image {p}: {exc}") from None
+    return torch.stack(out)

@@ -1,0 +1,127 @@
+"""Load the pieces of a Stable-Diffusion-style latent diffusion model from a local folder.
+
+Any diffusers pipeline folder with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and
+``scheduler/`` works: SD 1.x/2.x checkpoints in diffusers format, the embedded toy teacher,
+or an exported lcm_lab student. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..core.latents import LatentCodec
+from ..core.schedules import NoiseSchedule
+
+ASSETS_ENV = "LCM_LAB_ASSETS"
+REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def assets_dir() -> Path:
+    """The embedded assets folder (``$LCM_LAB_ASSETS`` or ``<repo>/assets``)."""
+    return Path(os.environ.get(ASSETS_ENV, Path(__file__).resolve().parents[2] / "assets"))
+
+
+def toy_teacher_dir() -> Path:
+    return assets_dir() / "toy" / "teacher"
+
+
+@dataclass
+class LatentDiffusionModel:
+    """A loaded LDM: networks, noise schedule and latent codec."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    schedule: NoiseSchedule
+    scheduler_config: dict
+    path: Path
+
+    @property
+    def codec(self) -> LatentCodec:
+        return LatentCodec(self.vae)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        return (cfg.in_channels, size, size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def encode_prompts(self, prompts: list[str], allow_empty: bool = False,
+                       truncate: bool = False) -> torch.Tensor:
+        """Text embeddings [B, L, D] exactly as StableDiffusionPipeline.encode_prompt makes them."""
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts, allow_empty, truncate)
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """Raise a clear error when ``path`` is not a complete diffusers LDM folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"model folder {folder} does not exist. Pass a local diffusers pipeline folder "
+            "(e.g. one saved with `pipe.save_pretrained(DIR)`, or downloaded once with "
+            "`huggingface-cli download <repo> --local-dir DIR`).")
+    missing = [p for p in REQUIRED_PARTS if not (folder / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"model folder {folder} lacks {', '.join(p + '/' for p in missing)}; "
+                                "it must be a diffusers pipeline folder (model_index.json + components)")
+    return folder
+
+
+def load_ldm(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> LatentDiffusionModel:
+    """Load unet, vae, text encoder, tokenizer and schedule from a local pipeline folder.
+
+    Args:
+        path: diffusers pipeline folder; defaults to the embedded toy teacher.
+        device, dtype: where and in which precision the networks are placed.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = check_model_dir(path if path is not None else toy_teacher_dir())
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    for net in (unet, vae, text_encoder):
+        net.to(device).eval().requires_grad_(False)
+    return LatentDiffusionModel(unet, vae, text_encoder, tokenizer,
+                                NoiseSchedule.from_scheduler(scheduler_config).to(device),
+                                scheduler_config, folder)
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], allow_empty: bool = False,
+                   truncate: bool = False) -> torch.Tensor:
+    """Embed prompts with the last hidden state of the text encoder (SD 1.x/2.x).
+
+    Empty prompts are an error unless ``allow_empty`` (the unconditional embedding uses "").
+    Prompts longer than the tokenizer's context are an error unless ``truncate``: silently
+    dropping words, as the stock pipeline does after a warning, changes what is generated.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    if not allow_empty and any(not p.strip() for p in prompts):
+        raise ValueError("empty prompt; give some text (the unconditional branch of guidance uses '' internally)")
+    max_len = tokenizer.model_max_length
+    if not truncate:
+        for p in prompts:
+            n = len(tokenizer(p).input_ids)
+            if n > max_len:
+                raise ValueError(f"prompt has {n} tokens, more than the model's {max_len}: {p[:80]!r}... "
+                                 "Shorten it or pass truncate=True (--truncate on the CLI).")
+    ids = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    with torch.no_grad():
+        return text_encoder(ids)[0]

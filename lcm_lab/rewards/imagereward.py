@@ -1,0 +1,108 @@
+"""ImageReward (Xu et al. 2023, "ImageReward: Learning and Evaluating Human Preferences for
+Text-to-Image Generation", https://github.com/THUDM/ImageReward).
+
+A BLIP ViT-L image encoder, a BERT text encoder that cross-attends to the image, and an MLP
+on the ``[CLS]`` feature, standardised with the training set's mean and std (scores are
+roughly N(0, 1) over generations). RG-LCD (Li et al. 2024) trains with ``min(r, 2)``:
+pass ``clip_max=2.0``.
+
+This reward needs the optional ``image-reward`` package (``pip install image-reward``); its
+BLIP code also loads the ``bert-base-uncased`` tokenizer through transformers, which must
+be in the local Hugging Face cache when running offline.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import torch
+
+from .base import ImagePreprocessor, RewardModel, missing_weights, register, resolve_weights
+from .clip_score import as_dtype
+
+IMAGEREWARD_CHECKPOINT_ENV = "LCM_LAB_IMAGEREWARD_CHECKPOINT"
+IMAGEREWARD_FILE = "ImageReward.pt"
+IMAGEREWARD_MED_CONFIG = "med_config.json"
+IMAGEREWARD_SOURCE = "https://huggingface.co/THUDM/ImageReward"
+INSTALL_HINT = "pip install image-reward"
+TEXT_MAX_LENGTH = 35  # as ImageReward.score()
+
+
+def _imagereward_class():
+    """The upstream ``ImageReward`` nn.Module class, or an ImportError saying how to get it."""
+    try:
+        module = importlib.import_module("ImageReward.ImageReward")
+    except ModuleNotFoundError as error:
+        if error.name and error.name.split(".")[0] == "ImageReward":
+            raise ImportError(
+                "the 'imagereward' reward needs the optional ImageReward package (THUDM/ImageReward), which is "
+                f"not installed. Install it with `{INSTALL_HINT}`, or use another reward (e.g. hpsv2, pickscore)."
+            ) from error
+        raise ImportError(f"the ImageReward package is installed but failed to import ({error}); reinstall it "
+                          f"with `{INSTALL_HINT}` and its dependencies") from error
+    except ImportError as error:
+        raise ImportError(f"the ImageReward package is installed but failed to import ({error}); it may not be "
+                          f"compatible with the installed transformers. Reinstall with `{INSTALL_HINT}`") from error
+    return module.ImageReward
+
+
+@register("imagereward")
+class ImageRewardReward(RewardModel):
+    """ImageReward-v1.0 score, optionally clipped from above (``min(r, clip_max)``).
+
+    Args:
+        checkpoint: ``ImageReward.pt`` (Hugging Face repo ``THUDM/ImageReward``) or a folder with
+            ``ImageReward.pt`` and ``med_config.json``; default ``$LCM_LAB_IMAGEREWARD_CHECKPOINT``.
+        med_config: the BLIP text-encoder config ``med_config.json`` (same repo); default: next
+            to the checkpoint.
+        clip_max: upper clip of the score (RG-LCD uses 2.0); ``None`` (default) for none.
+            Clipped scores have zero gradient.
+        device, dtype: where and in which precision the model runs.
+        antialias: antialiased resizing, see :func:`~lcm_lab.rewards.base.preprocess_images`.
+
+    Raises:
+        ImportError: the ``image-reward`` package is missing (``pip install image-reward``).
+        FileNotFoundError: the checkpoint or ``med_config.json`` is missing.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike | None = None, med_config: str | os.PathLike | None = None,
+                 clip_max: float | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | str = torch.float32, antialias: bool = False):
+        model_class = _imagereward_class()  # fail on the missing package before looking for weights
+        super().__init__()
+        path = resolve_weights(checkpoint, IMAGEREWARD_CHECKPOINT_ENV)
+        if path is not None and path.is_dir():
+            path = path / IMAGEREWARD_FILE
+        if path is None or not path.is_file():
+            raise missing_weights("ImageReward", IMAGEREWARD_FILE, f"{IMAGEREWARD_SOURCE} (file {IMAGEREWARD_FILE})",
+                                  "checkpoint", IMAGEREWARD_CHECKPOINT_ENV, path)
+        med = Path(med_config).expanduser() if med_config is not None else path.parent / IMAGEREWARD_MED_CONFIG
+        if not med.is_file():
+            raise FileNotFoundError(f"ImageReward: {med} not found; download {IMAGEREWARD_MED_CONFIG} from "
+                                    f"{IMAGEREWARD_SOURCE} next to {IMAGEREWARD_FILE} or pass `med_config=...`")
+        model = model_class(med_config=str(med), device="cpu")
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=False)  # as ImageReward.load(): the checkpoint omits unused heads
+        self.model = model.to(device=device, dtype=as_dtype(dtype))
+        self.model.device = torch.device(device)
+        self.preprocess = ImagePreprocessor(224)  # ImageReward's _transform(224): OpenAI CLIP statistics
+        self.input_size = 224
+        self.clip_max = None if clip_max is None else float(clip_max)
+        self.checkpoint = path
+        self.freeze()
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        blip = self.model.blip
+        tokens = blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=TEXT_MAX_LENGTH,
+                                return_tensors="pt").to(self.device)
+        pixels = self.preprocess(images.to(self.device)).to(self.dtype)
+        image_embeds = blip.visual_encoder(pixels)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        text = blip.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask,
+                                 encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, return_dict=True)
+        features = text.last_hidden_state[:, 0, :]
+        rewards = self.model.mlp(features).squeeze(-1).float()
+        rewards = (rewards - self.model.mean) / self.model.std
+        return rewards.clamp(max=self.clip_max) if self.clip_max is not None else rewards

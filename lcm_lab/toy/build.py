@@ -1,0 +1,421 @@
+"""Build the toy world's assets: tokenizer, VAE, teacher LDM, reward model and judge.
+
+Deterministic for a seed (the data order, timesteps and noise of step ``k`` are drawn
+from generators seeded by ``(seed, stage, k)``, so a resumed run sees what an
+uninterrupted one would), resumable (finished stages are skipped; long stages checkpoint
+into ``work_dir`` every ``checkpoint_every`` steps), and atomic (every output folder is
+written under a temporary name and renamed into place when complete).
+
+Stages: data -> vae -> latents -> teacher, reward, judge -> manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import models
+from .judge import AttributeJudge
+from .tokenizer import load_clip_tokenizer, write_clip_tokenizer
+from .world import ATTRIBUTE_NAMES, ATTRIBUTES, HELD_OUT, IMAGE_SIZE, ToyWorld
+
+STAGE_IDS = {"vae": 1, "teacher": 2, "reward": 3, "judge": 4}
+
+
+@dataclass
+class BuildConfig:
+    """Sizes and budgets of the toy-asset build (defaults: < 1 hour on 2 CPU cores)."""
+
+    out_dir: str = "assets/toy"
+    work_dir: str = "assets/.build"
+    seed: int = 0
+    num_train_images: int = 60_000
+    num_recon_images: int = 20_000  # VAE reconstructions mixed into reward/judge training
+    vae_steps: int = 3000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    teacher_steps: int = 12000
+    teacher_batch: int = 64
+    teacher_lr: float = 5e-4
+    teacher_warmup: int = 200
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    reward_steps: int = 600
+    reward_batch: int = 256
+    reward_lr: float = 1e-3
+    judge_steps: int = 1500
+    judge_batch: int = 128
+    judge_lr: float = 2e-3
+    checkpoint_every: int = 500
+
+
+def _atomic_dir(final: Path):
+    """Context manager yielding a temp folder that replaces ``final`` on success."""
+
+    class _Ctx:
+        def __enter__(self):
+            self.tmp = final.with_name(final.name + ".tmp")
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc_type is None:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(self.tmp, final)
+            return False
+
+    return _Ctx()
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng(cfg: BuildConfig, stage: str, step: int) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed, STAGE_IDS[stage], step])
+
+
+def _torch_gen(cfg: BuildConfig, stage: str, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(_rng(cfg, stage, step).integers(2**62)))
+
+
+def _lr_lambda(warmup: int, total: int):
+    # Linear warm-up, then cosine decay to 10% of the peak learning rate.
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+class _Trainer:
+    """A resumable optimisation loop over one stage (model + AdamW + schedule + EMA)."""
+
+    def __init__(self, cfg: BuildConfig, stage: str, model: torch.nn.Module, lr: float, steps: int,
+                 warmup: int = 100, ema_decay: float | None = None, weight_decay: float = 0.01):
+        self.cfg, self.stage, self.model, self.steps = cfg, stage, model, steps
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(warmup, steps))
+        self.ema = None
+        if ema_decay is not None:
+            self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.ema_decay = ema_decay
+        self.step = 0
+        self.ckpt = Path(cfg.work_dir) / f"{stage}_ckpt.pt"
+        if self.ckpt.exists():
+            state = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
+            if self.ema is not None:
+                self.ema = state["ema"]
+            self.step = int(state["step"])
+            print(f"[{stage}] resuming from step {self.step}")
+
+    def update(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"[{self.stage}] non-finite loss at step {self.step}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for k, v in self.model.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        self.ema[k].lerp_(v, 1 - self.ema_decay)
+                    else:
+                        self.ema[k].copy_(v)
+        self.step += 1
+        if self.step % self.cfg.checkpoint_every == 0 and self.step < self.steps:
+            self.save()
+
+    def save(self) -> None:
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                 "sched": self.sched.state_dict(), "step": self.step}
+        if self.ema is not None:
+            state["ema"] = self.ema
+        _save_atomic(state, self.ckpt)
+
+    def progress(self):
+        return tqdm(range(self.step, self.steps), initial=self.step, total=self.steps, desc=self.stage,
+                    mininterval=2.0)
+
+    def finished_weights(self) -> dict:
+        return self.ema if self.ema is not None else self.model.state_dict()
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def build_data(cfg: BuildConfig) -> dict:
+    """Render the training images once (the world is deterministic, so this is a cache)."""
+    path = Path(cfg.work_dir) / "train_data.npz"
+    if not path.exists():
+        world = ToyWorld(cfg.seed, "train")
+        images = np.empty((cfg.num_train_images, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        captions, labels = [], []
+        for i in tqdm(range(cfg.num_train_images), desc="render", mininterval=2.0):
+            s = world[i]
+            images[i] = s.image
+            captions.append(s.caption)
+            labels.append([ATTRIBUTES[k].index(s.attributes[k]) for k in ATTRIBUTE_NAMES])
+        tmp = path.with_name("train_data.tmp.npz")
+        np.savez(tmp, images=images, captions=np.array(captions), labels=np.array(labels, np.int64))
+        os.replace(tmp, path)
+    data = np.load(path)
+    return {"images": data["images"], "captions": [str(c) for c in data["captions"]], "labels": data["labels"]}
+
+
+def _to_tensor(images_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 255.0
+
+
+def train_vae(cfg: BuildConfig, data: dict) -> Path:
+    """AutoencoderKL trained with MSE + L1 + a small KL; the scaling factor is set, as in
+    SD, to 1/std of the latents so that scaled latents have unit variance."""
+    final = Path(cfg.work_dir) / "vae"
+    if final.exists():
+        return final
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(cfg.seed)
+    vae = models.build_vae()
+    trainer = _Trainer(cfg, "vae", vae, cfg.vae_lr, cfg.vae_steps)
+    images = data["images"]
+    bar = trainer.progress()
+    for step in bar:
+        idx = _rng(cfg, "vae", step).integers(len(images), size=cfg.vae_batch)
+        x = _to_tensor(images[idx]) * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator=_torch_gen(cfg, "vae", step))
+        recon = vae.decode(z).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + 0.1 * F.l1_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        trainer.update(loss)
+        if step % 50 == 0:
+            bar.set_postfix(psnr=f"{10 * math.log10(4 / mse.item()):.1f}")
+    vae.eval()
+    with torch.no_grad():
+        sample = _to_tensor(images[:2000]) * 2 - 1
+        std = torch.cat([vae.encode(c).latent_dist.mean for c in sample.split(256)]).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    with _atomic_dir(final) as tmp:
+        vae.save_pretrained(tmp)
+    trainer.ckpt.unlink(missing_ok=True)
+    return final
+
+
+def encode_latents(cfg: BuildConfig, data: dict, vae_dir: Path) -> dict:
+    """Posterior mean/std of every training image (teacher data) and VAE reconstructions
+    of the first ``num_recon_images`` (so reward model and judge see decoded images)."""
+    path = Path(cfg.work_dir) / "latents.pt"
+    if not path.exists():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+        means, stds, recons = [], [], []
+        with torch.no_grad():
+            for start in tqdm(range(0, len(data["images"]), 500), desc="encode", mininterval=2.0):
+                x = _to_tensor(data["images"][start:start + 500]) * 2 - 1
+                dist = vae.encode(x).latent_dist
+                means.append(dist.mean)
+                stds.append(dist.std)
+                if start < cfg.num_recon_images:
+                    rec = vae.decode(dist.mean).sample
+                    recons.append(((rec / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+        _save_atomic({"mean": torch.cat(means), "std": torch.cat(stds), "recon": torch.cat(recons)}, path)
+    return torch.load(path, weights_only=True)
+
+
+def _text_embeddings(captions: list[str], tokenizer, text_encoder) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return torch.cat([text_encoder(chunk)[0] for chunk in ids.split(512)])
+
+
+def train_teacher(cfg: BuildConfig, data: dict, latents: dict, vae_dir: Path, tokenizer_dir: Path) -> Path:
+    """The teacher: eps-prediction UNet on VAE latents with SD's scaled_linear DDPM schedule,
+    conditioned on a frozen CLIP text encoder, with caption dropout (for classifier-free
+    guidance). The EMA weights are saved as a stock StableDiffusionPipeline folder."""
+    final = Path(cfg.out_dir) / "teacher"
+    if final.exists():
+        return final
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    torch.manual_seed(cfg.seed)
+    text_encoder = models.build_text_encoder().eval().requires_grad_(False)  # frozen, as in SD
+    unet = models.build_unet()
+    tokenizer = load_clip_tokenizer(tokenizer_dir)
+    scheduler = models.build_scheduler()
+    alphas_cumprod = scheduler.alphas_cumprod.float()
+    scaling = AutoencoderKL.load_config(vae_dir)["scaling_factor"]
+
+    # The text encoder is frozen, so embed each distinct caption once; index 0 is "".
+    unique = [""] + sorted(set(data["captions"]))
+    lookup = {c: i for i, c in enumerate(unique)}
+    caption_index = torch.tensor([lookup[c] for c in data["captions"]])
+    embeddings = _text_embeddings(unique, tokenizer, text_encoder)
+
+    trainer = _Trainer(cfg, "teacher", unet, cfg.teacher_lr, cfg.teacher_steps, cfg.teacher_warmup, cfg.ema_decay)
+    mean, std = latents["mean"], latents["std"]
+    bar = trainer.progress()
+    for step in bar:
+        rng, gen = _rng(cfg, "teacher", step), _torch_gen(cfg, "teacher", step)
+        idx = torch.from_numpy(rng.integers(len(mean), size=cfg.teacher_batch))
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+        cond = caption_index[idx].clone()
+        cond[torch.from_numpy(rng.random(cfg.teacher_batch) < cfg.caption_dropout)] = 0
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.teacher_batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        pred = unet(xt, t, embeddings[cond]).sample
+        loss = F.mse_loss(pred, noise)
+        trainer.update(loss)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+
+    unet.load_state_dict(trainer.finished_weights())
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir), text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    with _atomic_dir(final) as tmp:
+        pipe.save_pretrained(tmp)
+    trainer.ckpt.unlink(missing_ok=True)
+    return final
+
+
+def _mixed_images(cfg: BuildConfig, data: dict, latents: dict, idx: np.ndarray, rng: np.random.Generator):
+    """Real images, with half of those that have one replaced by their VAE reconstruction."""
+    images = data["images"][idx].copy()
+    recon = latents["recon"].numpy()
+    use = (idx < len(recon)) & (rng.random(len(idx)) < 0.5)
+    images[use] = recon[idx[use]]
+    return _to_tensor(images)
+
+
+def train_reward(cfg: BuildConfig, data: dict, latents: dict, tokenizer_dir: Path) -> Path:
+    """toy-clip: a small open_clip CLIP trained contrastively on (image, caption) pairs.
+
+    Captions with the same attributes describe the same picture, so every pair with the
+    same attribute combination counts as a positive (soft multi-positive targets)."""
+    final = Path(cfg.out_dir) / "reward"
+    if final.exists():
+        return final
+    from safetensors.torch import save_file
+
+    torch.manual_seed(cfg.seed)
+    model = models.build_reward_model()
+    tokenizer = load_clip_tokenizer(tokenizer_dir)
+    mean = torch.tensor(models.REWARD_PREPROCESS_CONFIG["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(models.REWARD_PREPROCESS_CONFIG["std"]).view(1, 3, 1, 1)
+    combo = torch.from_numpy(data["labels"] @ (8 ** np.arange(len(ATTRIBUTE_NAMES))))
+    trainer = _Trainer(cfg, "reward", model, cfg.reward_lr, cfg.reward_steps, weight_decay=0.1)
+    bar = trainer.progress()
+    for step in bar:
+        rng = _rng(cfg, "reward", step)
+        idx = rng.integers(len(data["images"]), size=cfg.reward_batch)
+        images = (_mixed_images(cfg, data, latents, idx, rng) - mean) / std
+        ids = tokenizer([data["captions"][i] for i in idx], padding="max_length",
+                        max_length=models.CONTEXT_LENGTH, truncation=True, return_tensors="pt").input_ids
+        img, txt, scale = model(images, ids)[:3]
+        logits = scale * img @ txt.t()
+        same = (combo[idx][:, None] == combo[idx][None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean()
+                      + torch.sum(-target * logits.t().log_softmax(1), 1).mean())
+        trainer.update(loss)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    with _atomic_dir(final) as tmp:
+        config = {"model_cfg": models.REWARD_MODEL_CONFIG, "preprocess_cfg": models.REWARD_PREPROCESS_CONFIG}
+        (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "open_clip_model.safetensors"))
+    trainer.ckpt.unlink(missing_ok=True)
+    return final
+
+
+def train_judge(cfg: BuildConfig, data: dict, latents: dict) -> Path:
+    """The attribute classifier (never a reward): cross-entropy over the six attributes,
+    on real images and VAE reconstructions, with small shifts as augmentation."""
+    final = Path(cfg.out_dir) / "judge"
+    if final.exists():
+        return final
+    torch.manual_seed(cfg.seed)
+    judge = AttributeJudge()
+    labels = torch.from_numpy(data["labels"])
+    trainer = _Trainer(cfg, "judge", judge, cfg.judge_lr, cfg.judge_steps)
+    bar = trainer.progress()
+    for step in bar:
+        rng = _rng(cfg, "judge", step)
+        idx = rng.integers(len(data["images"]), size=cfg.judge_batch)
+        images = _mixed_images(cfg, data, latents, idx, rng)
+        logits = judge(images)
+        loss = sum(F.cross_entropy(logits[k], labels[idx, j]) for j, k in enumerate(ATTRIBUTE_NAMES))
+        trainer.update(loss)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    with _atomic_dir(final) as tmp:
+        judge.eval().save_pretrained(tmp)
+    trainer.ckpt.unlink(missing_ok=True)
+    return final
+
+
+def build_all(cfg: BuildConfig) -> dict:
+    """Run every stage that is not finished yet and write ``world.json``."""
+    out, work = Path(cfg.out_dir), Path(cfg.work_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    timings = {}
+
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        result = fn(*args)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        return result
+
+    tokenizer_dir = work / "tokenizer"
+    if not tokenizer_dir.exists():
+        with _atomic_dir(tokenizer_dir) as tmp:
+            write_clip_tokenizer(tmp, model_max_length=models.CONTEXT_LENGTH)
+    data = timed("data", build_data, cfg)
+    vae_dir = timed("vae", train_vae, cfg, data)
+    latents = timed("latents", encode_latents, cfg, data, vae_dir)
+    timed("judge", train_judge, cfg, data, latents)
+    timed("reward", train_reward, cfg, data, latents, tokenizer_dir)
+    timed("teacher", train_teacher, cfg, data, latents, vae_dir, tokenizer_dir)
+
+    manifest = {
+        "image_size": IMAGE_SIZE,
+        "attributes": {k: list(v) for k, v in ATTRIBUTES.items()},
+        "held_out": sorted(list(t) for t in HELD_OUT),
+        "build": asdict(cfg),
+        "build_seconds": timings,
+    }
+    tmp = out / "world.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / "world.json")
+    return manifest

@@ -1,0 +1,328 @@
+"""evaluate() and `lcm-lab eval` on a tiny random Stable-Diffusion-style folder: row keys and
+values, saved images (deterministic per seed, atomic), FID/KID against a reference folder,
+up-front errors, write_metrics; and the toy-world metrics when the toy assets exist."""
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lcm_lab.eval.evaluate import (BASE_KEYS, MetricSuite, evaluate, format_table, list_images,
+                                   load_reference_images, write_metrics)
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
+PROMPTS = ["a red circle on the left", "a large blue square", "a small striped yellow triangle"]
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from lcm_lab.eval.bench import build_random_pipeline
+
+    return build_random_pipeline(tmp_path_factory.mktemp("tiny_sd"), preset="tiny")
+
+
+@pytest.fixture(scope="module")
+def ldm(tiny_sd):
+    from lcm_lab.models.sd import load_ldm
+
+    return load_ldm(tiny_sd)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A random tiny open_clip model in the local-dir layout the `clip` reward loads."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP)
+    folder = tmp_path_factory.mktemp("clip")
+    config = {"model_cfg": TINY_OPEN_CLIP,
+              "preprocess_cfg": {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
+                                 "std": [0.26862954, 0.26130258, 0.27577711]}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+@pytest.fixture()
+def prompt_file(tmp_path):
+    file = tmp_path / "prompts.txt"
+    file.write_text("\n".join(PROMPTS) + "\n\n")
+    return file
+
+
+def _sibling(name):
+    """Import a sibling test module by path (works whatever pytest's import mode)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"_eval_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pngs(folder):
+    return sorted(folder.glob("*.png"))
+
+
+def _tmp_leftovers(root):
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_evaluate_row_clip_value_and_deterministic_images(ldm, clip_dir, prompt_file, tmp_path):
+    from lcm_lab.generation import generate
+    from lcm_lab.rewards import CLIPScoreReward
+
+    suite = MetricSuite(["clip"], toy=False, clip=clip_dir)
+    kwargs = dict(sampler="lcm", steps=2, prompt_set=str(prompt_file), num_samples=5, guidance=2.0, batch_size=2,
+                  suite=suite, progress=False)
+    row = evaluate(ldm, seeds=10, save_images_dir=tmp_path / "a", **kwargs)
+    assert list(row)[:len(BASE_KEYS)] == list(BASE_KEYS)
+    assert {"clip", "sec_per_image", "images_dir"} <= set(row)
+    assert row["num_samples"] == 5 and row["steps"] == 2 and row["sampler"] == "lcm" and row["seed"] == 10
+    assert row["guidance"] == 2.0 and row["model"] == str(ldm.path) and row["prompt_set"] == str(prompt_file)
+    assert row["sec_per_image"] > 0
+
+    # The CLIP column is the `clip` reward's mean on exactly these images (prompts cycle, seeds 10..14).
+    prompts = [PROMPTS[i % 3] for i in range(5)]
+    images = generate(ldm, prompts, list(range(10, 15)), sampler="lcm", steps=2, guidance_scale=2.0, progress=False)
+    with torch.no_grad():
+        expected = CLIPScoreReward(clip_dir)(images, prompts).double().mean().item()
+    assert math.isclose(row["clip"], expected, rel_tol=1e-5, abs_tol=1e-5)
+
+    files = _pngs(tmp_path / "a")
+    assert [f.name for f in files] == [f"{i:05d}.png" for i in range(5)]
+    captions = json.loads((tmp_path / "a" / "captions.json").read_text())
+    assert [c["prompt"] for c in captions] == prompts and [c["seed"] for c in captions] == list(range(10, 15))
+    assert captions[3] == {"file": "00003.png", "prompt": PROMPTS[0], "seed": 13, "line": 1}
+    from PIL import Image
+
+    with Image.open(files[0]) as img:
+        saved = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    assert saved.shape == (3, 16, 16)
+    assert torch.equal(saved, (images[0] * 255).round().to(torch.uint8))
+
+    again = evaluate(ldm, seeds=10, save_images_dir=tmp_path / "b", **kwargs)
+    other = evaluate(ldm, seeds=100, save_images_dir=tmp_path / "c", **kwargs)
+    same = [a.read_bytes() == b.read_bytes() for a, b in zip(files, _pngs(tmp_path / "b"))]
+    diff = [a.read_bytes() != c.read_bytes() for a, c in zip(files, _pngs(tmp_path / "c"))]
+    assert all(same) and len(same) == 5
+    assert all(diff)
+    assert again["clip"] == row["clip"] and other["clip"] != row["clip"]
+    assert not _tmp_leftovers(tmp_path)
+
+
+def test_eval_cli_writes_rows_per_step_and_images(tiny_sd, clip_dir, prompt_file, tmp_path, capsys):
+    from lcm_lab.eval.commands import add_bench_parser, add_eval_parser
+
+    parser = argparse.ArgumentParser(prog="lcm-lab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_eval_parser(sub)
+    add_bench_parser(sub)
+    out = tmp_path / "out"
+    args = parser.parse_args(["eval", "--model", str(tiny_sd), "--sampler", "ddim", "--steps", "1,3",
+                              "--num-samples", "4", "--guidance", "1.5", "--prompts", str(prompt_file),
+                              "--out", str(out), "--save-images", "--metrics", "clip", "--clip", str(clip_dir),
+                              "--batch-size", "3", "--seed", "5", "--no-progress", "--device", "cpu"])
+    assert args.func(args) == 0
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["steps"] for r in rows] == [1, 3]
+    for r in rows:
+        assert {*BASE_KEYS, "clip", "sec_per_image"} <= set(r)
+        assert r["num_samples"] == 4 and r["sampler"] == "ddim" and r["guidance"] == 1.5 and r["seed"] == 5
+    md = (out / "metrics.md").read_text().splitlines()
+    assert md[0].startswith("| model | sampler | steps |") and len(md) == 4
+    assert "| ddim | 3 |" in md[3]
+    printed = capsys.readouterr().out
+    assert "| model | sampler |" in printed and "metrics.json" in printed
+    for steps in (1, 3):
+        assert [p.name for p in _pngs(out / "images" / f"ddim-{steps}")] == [f"{i:05d}.png" for i in range(4)]
+    assert not _tmp_leftovers(out)
+
+    bad = parser.parse_args(["eval", "--model", str(tiny_sd), "--prompts", str(prompt_file), "--metrics", "fd",
+                             "--out", str(tmp_path / "bad"), "--device", "cpu"])
+    with pytest.raises(ValueError, match="toy"):
+        bad.func(bad)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--steps", "1,x"])
+
+
+def test_evaluate_fid_kid_against_a_reference_folder(ldm, prompt_file, tmp_path):
+    from lcm_lab.eval.fid import INCEPTION_FILE, InceptionMetrics
+    from lcm_lab.generation import generate
+    from lcm_lab.imaging import save_grid
+
+
+    weights = tmp_path / INCEPTION_FILE
+    torch.save(_sibling("test_eval_fid").random_inception_state_dict(), weights)
+    ref_dir = tmp_path / "reference"
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):  # 24x20 images: center-cropped to 20x20, resized to the generated 16x16
+        save_grid(torch.rand(1, 3, 20, 24, generator=g), ref_dir / f"real_{i}.png")
+    (ref_dir / "notes.txt").write_text("not an image")
+    options = {"feature": 64, "inception_dtype": torch.float32, "kid_subsets": 4}
+    suite = MetricSuite(None, toy=False, inception=weights, reference=ref_dir, fid_options=options)
+    assert suite.metrics == ("fid", "kid")  # the defaults once a reference folder is given
+    row = evaluate(ldm, "ddim", 2, str(prompt_file), num_samples=4, seeds=0, guidance=2.0, suite=suite,
+                   progress=False)
+    assert {"fid", "kid", "kid_std", "fid_reference_num"} <= set(row) and row["fid_reference_num"] == 6
+    assert row["fid"] > 0 and math.isfinite(row["kid"])
+
+    files = list_images(ref_dir)
+    assert len(files) == 6
+    ref = load_reference_images(files, 16)
+    assert ref.shape == (6, 3, 16, 16) and ref.dtype == torch.uint8
+    fake = generate(ldm, [PROMPTS[i % 3] for i in range(4)], [0, 1, 2, 3], sampler="ddim", steps=2,
+                    guidance_scale=2.0, progress=False)
+    direct = InceptionMetrics(feature=64, kid_subsets=4, inception=suite.inception.inception)
+    direct.update(ref, real=True)
+    direct.update(fake, real=False)
+    expected = direct.compute()
+    assert math.isclose(row["fid"], expected["fid"], rel_tol=1e-6)
+    assert math.isclose(row["kid"], expected["kid"], rel_tol=1e-6, abs_tol=1e-12)
+
+
+def test_errors_before_generation(ldm, prompt_file, tmp_path):
+    with pytest.raises(ValueError, match="toy"):
+        MetricSuite(["accuracy"], toy=False)
+    with pytest.raises(ValueError, match="unknown metric"):
+        MetricSuite(["fidelity"], toy=False)
+    with pytest.raises(ValueError, match="reference"):
+        MetricSuite(["fid"], toy=False)
+    with pytest.raises(FileNotFoundError, match="CLIP"):
+        MetricSuite(["clip"], toy=False, clip=tmp_path / "no_clip")
+    long_file = tmp_path / "long.txt"
+    long_file.write_text("a red circle\n" + " ".join(["word"] * 40) + "\n")
+    with pytest.raises(ValueError, match="exceed the model's 32 tokens"):
+        evaluate(ldm, "ddim", 1, str(long_file), metrics=[], save_images_dir=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(ValueError, match="seeds"):
+        evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=2, seeds=[1, 2, 3], metrics=[])
+    row = evaluate(ldm, "ddim", 1, str(long_file), metrics=[], truncate=True, progress=False, warmup=False)
+    assert row["num_samples"] == 2 and set(row) == {*BASE_KEYS, "sec_per_image"}
+
+
+def test_write_metrics_atomic_json_and_markdown(tmp_path):
+    rows = [{"model": "m|1", "sampler": "lcm", "steps": 1, "fd": 12.3456, "clip": float("nan")},
+            {"model": "m2", "sampler": "lcm", "steps": 2, "fd": 0.5, "extra": True}]
+    json_path, md_path = write_metrics(rows, tmp_path / "o")
+    data = json.loads(json_path.read_text())
+    assert data[0]["clip"] is None and data[1]["fd"] == 0.5 and len(data) == 2
+    lines = md_path.read_text().splitlines()
+    assert lines[0] == "| model | sampler | steps | fd | clip | extra |"
+    assert lines[2] == "| m\\|1 | lcm | 1 | 12.3 | nan |  |"
+    assert lines[3].endswith("| 0.5 |  | True |")
+    assert format_table(rows) == md_path.read_text()
+    assert not _tmp_leftovers(tmp_path)
+
+
+def test_toy_metrics_path_with_random_toy_models(clip_dir, tmp_path_factory):
+    """The toy-world branch (judge FD, accuracy, toy-clip) on random stand-ins of the toy assets:
+    a 32 px tiny pipeline, a random judge and a random open_clip folder loaded as toy-clip. The
+    row equals lcm_lab.eval.toy.toy_metrics and the toy-clip reward on the same images."""
+    from lcm_lab.eval.bench import build_random_pipeline
+    from lcm_lab.eval.toy import eval_prompts, toy_metrics, toy_reference
+    from lcm_lab.generation import generate
+    from lcm_lab.models.sd import load_ldm
+    from lcm_lab.rewards import ToyCLIPReward
+    from lcm_lab.toy.judge import AttributeJudge
+
+    model = load_ldm(build_random_pipeline(tmp_path_factory.mktemp("tiny32"), preset="tiny", latent_size=16))
+    torch.manual_seed(0)
+    judge = AttributeJudge().eval()
+    suite = MetricSuite(None, toy=True, reference_num=24, judge=judge, clip=clip_dir)
+    assert suite.metrics == ("fd", "accuracy", "clip") and isinstance(suite.clip, ToyCLIPReward)
+    row = evaluate(model, "tcd", 2, "toy", num_samples=7, seeds=3, guidance=2.0, suite=suite, batch_size=3,
+                   progress=False)
+    assert {"fd", "fd_real", "accuracy", "clip"} <= set(row) and row["prompt_set"] == "toy"
+
+    prompts, attrs = eval_prompts(7)
+    images = generate(model, prompts, list(range(3, 10)), sampler="tcd", steps=2, guidance_scale=2.0, progress=False)
+    assert images.shape[-1] == 32
+    expected = toy_metrics(judge, toy_reference(judge, model.vae, 24), images, attrs)
+    for key in ("fd", "fd_real", "accuracy", "acc_color"):
+        assert math.isclose(row[key], expected[key], rel_tol=1e-5, abs_tol=1e-6), key
+    with torch.no_grad():
+        assert math.isclose(row["clip"], suite.clip(images, prompts).double().mean().item(), rel_tol=1e-5)
+
+
+def test_toy_world_metrics_match_toy_module(tmp_path):
+    from lcm_lab.eval.toy import toy_judge_dir
+    from lcm_lab.models.sd import toy_teacher_dir
+    from lcm_lab.rewards import toy_clip_dir
+
+    needed = [toy_teacher_dir() / "model_index.json", toy_judge_dir(), toy_clip_dir() / "open_clip_config.json"]
+    if not all(p.exists() for p in needed):
+        pytest.skip(f"toy assets not built ({', '.join(str(p) for p in needed if not p.exists())} missing; "
+                    "python scripts/build_toy_assets.py)")
+    from lcm_lab.eval.toy import eval_prompts, load_judge, toy_metrics, toy_reference
+    from lcm_lab.generation import generate
+    from lcm_lab.models.sd import load_ldm
+
+    model = load_ldm()
+    judge = load_judge()
+    suite = MetricSuite(None, toy=True, reference_num=64, judge=judge)
+    assert suite.metrics == ("fd", "accuracy", "clip")
+    row = evaluate(model, "ddim", 4, "toy", num_samples=12, seeds=3, suite=suite, batch_size=5, progress=False)
+    assert {"fd", "fd_real", "accuracy", "clip", "sec_per_image"} <= set(row)
+    assert any(k.startswith("acc_") for k in row) and 0 <= row["accuracy"] <= 1 and row["clip"] >= 0
+
+    prompts, attrs = eval_prompts(12)
+    images = generate(model, prompts, list(range(3, 15)), sampler="ddim", steps=4, guidance_scale=3.0, progress=False)
+    expected = toy_metrics(judge, toy_reference(judge, model.vae, 64), images, attrs)
+    for key in ("fd", "fd_real", "accuracy"):
+        assert math.isclose(row[key], expected[key], rel_tol=1e-5, abs_tol=1e-6), key
+
+
+def test_eval_cli_hps_benchmark_per_style(tiny_sd, tmp_path):
+    """`--prompts hps:DIR --hps FILE`: hpsv2 = mean x 100 per style and their average, equal to the
+    hpsv2 reward on the same images (a tiny open_clip saved in the HPS checkpoint format)."""
+    import open_clip
+
+    from lcm_lab.eval.commands import add_eval_parser
+    from lcm_lab.eval.prompts import HPS_STYLES
+    from lcm_lab.generation import generate
+    from lcm_lab.models.sd import load_ldm
+    from lcm_lab.rewards import HPSv2Reward
+
+    torch.manual_seed(1)
+    ckpt = tmp_path / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": open_clip.CLIP(**TINY_OPEN_CLIP).state_dict()}, ckpt)
+    arch = tmp_path / "tiny_arch.json"
+    arch.write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
+    bench = tmp_path / "hps_bench"
+    bench.mkdir()
+    for style in HPS_STYLES:
+        (bench / f"{style}.json").write_text(json.dumps([f"{style} red circle", f"{style} blue square", "unused"]))
+
+    parser = argparse.ArgumentParser(prog="lcm-lab")
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "out"
+    args = parser.parse_args(["eval", "--model", str(tiny_sd), "--sampler", "lcm", "--steps", "2", "--prompts",
+                              f"hps:{bench}", "--per-style", "2", "--hps", str(ckpt), "--hps-arch", str(arch),
+                              "--guidance", "2", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert args.func(args) == 0
+    (row,) = json.loads((out / "metrics.json").read_text())
+    assert row["num_samples"] == 8 and row["prompt_set"] == f"hps:{bench}"
+    assert {f"hpsv2_{s}" for s in HPS_STYLES} | {"hpsv2"} <= set(row) and "clip" not in row
+
+    prompts = [f"{s} {p}" for s in HPS_STYLES for p in ("red circle", "blue square")]
+    images = generate(load_ldm(tiny_sd), prompts, list(range(8)), sampler="lcm", steps=2, guidance_scale=2.0,
+                      progress=False)
+    with torch.no_grad():
+        scores = HPSv2Reward(ckpt, arch=str(arch))(images, prompts).double()
+    per_style = 100 * scores.view(4, 2).mean(1)
+    for style, value in zip(HPS_STYLES, per_style.tolist()):
+        assert math.isclose(row[f"hpsv2_{style}"], value, rel_tol=1e-5), style
+    assert math.isclose(row["hpsv2"], per_style.mean().item(), rel_tol=1e-5)

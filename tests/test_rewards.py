@@ -1,0 +1,458 @@
+"""Reward-model zoo: every loader on a tiny same-family model saved in the real format, scores
+checked against an independent computation with the raw model, gradients, preprocessing,
+JPEG rewards, the registry and weighted specs, and missing-weight errors."""
+
+import importlib.util
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lcm_lab import rewards
+from lcm_lab.rewards import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, AestheticReward, CLIPScoreReward, HPSv2Reward,
+                             PickScoreReward, WeightedReward, load_reward, parse_reward_spec, parse_reward_terms,
+                             preprocess_images)
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+PROMPTS = ["a red circle on the left", "a large blue square", "a small striped yellow triangle"]
+ENV_VARS = ["LCM_LAB_CLIP_CHECKPOINT", "LCM_LAB_CLIP_ARCH", "LCM_LAB_HPS_CHECKPOINT", "LCM_LAB_PICKSCORE_DIR",
+            "LCM_LAB_PICKSCORE_PROCESSOR_DIR", "LCM_LAB_AESTHETIC_HEAD", "LCM_LAB_AESTHETIC_CLIP_CHECKPOINT",
+            "LCM_LAB_IMAGEREWARD_CHECKPOINT", "LCM_LAB_TOY_CLIP_DIR"]
+
+
+@pytest.fixture(autouse=True)
+def _no_weight_env(monkeypatch):
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def _images(n=3, size=32, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _normalise(x, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def _check_gradients(reward, images=None, prompts=PROMPTS):
+    images = (_images() if images is None else images).clone().requires_grad_()
+    scores = reward(images, prompts)
+    assert scores.shape == (images.shape[0],) and scores.dtype == torch.float32
+    scores.sum().backward()
+    assert images.grad is not None and torch.isfinite(images.grad).all()
+    assert images.grad.abs().sum() > 0
+    params = list(reward.parameters())
+    assert params and all(not p.requires_grad and p.grad is None for p in params)
+    assert not any(m.training for m in reward.modules())
+
+
+# ----------------------------------------------------------------------------- tiny models on disk
+
+
+@pytest.fixture(scope="module")
+def open_clip_raw():
+    """A random tiny open_clip CLIP (ViT image tower) and its state dict."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP).eval()
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def open_clip_dir(tmp_path_factory, open_clip_raw):
+    """The tiny model as an open_clip ``local-dir`` folder (toy-clip / HF open_clip layout)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("open_clip_tiny")
+    config = {"model_cfg": TINY_OPEN_CLIP,
+              "preprocess_cfg": {"size": 32, "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD),
+                                 "interpolation": "bicubic", "resize_mode": "shortest"}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in open_clip_raw[1].items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hps_checkpoint(tmp_path_factory, open_clip_raw):
+    """The tiny model in the HPS checkpoint format: torch file with the state dict under 'state_dict'."""
+    folder = tmp_path_factory.mktemp("hps")
+    torch.save({"state_dict": open_clip_raw[1], "epoch": 1}, folder / "HPS_v2.1_compressed.pt")
+    (folder / "tiny_arch.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
+    return folder
+
+
+def _open_clip_reference(open_clip_raw, images, prompts):
+    """cos(image, text) computed with the raw open_clip model on 32 px images."""
+    from open_clip import SimpleTokenizer
+
+    model = open_clip_raw[0]
+    with torch.no_grad():
+        img = model.encode_image(_normalise(images))
+        txt = model.encode_text(SimpleTokenizer(context_length=16)(prompts))
+    return F.cosine_similarity(img, txt, dim=-1)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def test_preprocess_resize_crop_normalise_matches_torchvision():
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(1))  # H=48, W=64
+    ours = preprocess_images(images, 32)
+    ref = TF.resize(images, [32], interpolation=InterpolationMode.BICUBIC, antialias=False)
+    assert ref.shape[-2:] == (32, 42)
+    ref = TF.normalize(TF.center_crop(ref, [32, 32]), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    assert ours.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_preprocess_exact_crop_and_normalise_by_hand():
+    images = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(2))  # short side already 32
+    out = preprocess_images(images, 32, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 2.0))
+    expected = (images[..., :, 8:40] - torch.tensor([0.5, 0.25, 0.0]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.5, 0.25, 2.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    const = preprocess_images(torch.full((1, 3, 64, 64), 0.75), 32)  # a flat image stays flat
+    torch.testing.assert_close(const, _normalise(torch.full((1, 3, 32, 32), 0.75)), atol=1e-5, rtol=0)
+
+
+def test_preprocess_longest_pads_like_hps():
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(3))
+    out = preprocess_images(images, 32, resize_mode="longest")
+    ref = TF.resize(images, [24, 32], interpolation=InterpolationMode.BICUBIC, antialias=False)
+    ref = TF.normalize(F.pad(ref, (0, 0, 4, 4), value=0.0), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="resize_mode"):
+        preprocess_images(images, 32, resize_mode="nearest")
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        preprocess_images(images[0], 32)
+
+
+# ----------------------------------------------------------------------------- CLIP score / HPSv2
+
+
+def test_clip_score_local_dir_matches_raw_model(open_clip_dir, open_clip_raw):
+    images = _images()
+    cos = _open_clip_reference(open_clip_raw, images, PROMPTS)
+    reward = load_reward("clip", checkpoint=open_clip_dir)
+    assert reward.input_size == 32 and reward.differentiable and reward.name == "clip"
+    torch.testing.assert_close(reward(images, PROMPTS), 100 * cos.clamp(min=0), atol=1e-4, rtol=0)
+    plain = CLIPScoreReward(open_clip_dir, clip_at_zero=False)
+    torch.testing.assert_close(plain(images, PROMPTS), 100 * cos, atol=1e-4, rtol=0)
+    torch.testing.assert_close(plain.cosine(images, PROMPTS), cos, atol=1e-5, rtol=0)
+    _check_gradients(plain)
+    with pytest.raises(ValueError, match="3 images but 2 prompts"):
+        reward(images, PROMPTS[:2])
+
+
+def test_clip_score_weights_file_with_arch(tmp_path, open_clip_raw, monkeypatch):
+    torch.save(open_clip_raw[1], tmp_path / "open_clip_pytorch_model.bin")
+    monkeypatch.setenv("LCM_LAB_CLIP_CHECKPOINT", str(tmp_path / "open_clip_pytorch_model.bin"))
+    reward = CLIPScoreReward(arch=TINY_OPEN_CLIP, clip_at_zero=False)
+    images = _images(seed=5)
+    torch.testing.assert_close(reward.cosine(images, PROMPTS), _open_clip_reference(open_clip_raw, images, PROMPTS),
+                               atol=1e-5, rtol=0)
+
+
+def test_hpsv2_checkpoint_matches_raw_model(hps_checkpoint, open_clip_raw):
+    images = _images(seed=7)
+    reward = load_reward("hpsv2", checkpoint=hps_checkpoint / "HPS_v2.1_compressed.pt",
+                         arch=str(hps_checkpoint / "tiny_arch.json"))
+    assert reward.version == "v2.1" and reward.input_size == 32 and reward.preprocess.resize_mode == "longest"
+    scores = reward(images, PROMPTS)
+    torch.testing.assert_close(scores, _open_clip_reference(open_clip_raw, images, PROMPTS), atol=1e-5, rtol=0)
+    # a folder plus the version picks the file; a dict architecture works too
+    again = HPSv2Reward(checkpoint=hps_checkpoint, version="2.1", arch=TINY_OPEN_CLIP)
+    torch.testing.assert_close(again(images, PROMPTS), scores, atol=1e-6, rtol=0)
+    _check_gradients(reward)
+    reward.train()
+    assert not any(m.training for m in reward.modules())
+
+
+# ----------------------------------------------------------------------------- PickScore
+
+
+@pytest.fixture(scope="module")
+def pickscore_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    from lcm_lab.toy.tokenizer import write_clip_tokenizer
+
+    folder = tmp_path_factory.mktemp("pickscore")
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "max_position_embeddings": 77, "vocab_size": 49408, "bos_token_id": 49406,
+                     "eos_token_id": 49407, "pad_token_id": 49407},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16, logit_scale_init_value=3.0)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    write_clip_tokenizer(folder, model_max_length=77)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}, "do_center_crop": True,
+        "do_normalize": True, "do_resize": True, "resample": 3, "image_processor_type": "CLIPImageProcessor",
+        "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}))
+    return folder
+
+
+def test_pickscore_matches_raw_model(pickscore_dir):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    images = _images(seed=11)
+    reward = load_reward("pickscore", model_dir=pickscore_dir)
+    assert reward.input_size == 32 and reward.preprocess.mean == (0.5, 0.4, 0.3)
+    scores = reward(images, PROMPTS)
+
+    model = CLIPModel.from_pretrained(pickscore_dir).eval()
+    tokens = CLIPTokenizer.from_pretrained(pickscore_dir)(PROMPTS, padding=True, truncation=True, max_length=77,
+                                                         return_tensors="pt")
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=_normalise(images, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)))
+        txt = model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        img = img if isinstance(img, torch.Tensor) else img.pooler_output
+        txt = txt if isinstance(txt, torch.Tensor) else txt.pooler_output
+        expected = model.logit_scale.exp() * F.cosine_similarity(img, txt, dim=-1)
+    assert abs(model.logit_scale.exp().item() - np.exp(3.0)) < 1e-4
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-5)
+    _check_gradients(reward)
+
+
+# ----------------------------------------------------------------------------- aesthetic
+
+
+def test_aesthetic_head_and_clip_match_raw_models(tmp_path, open_clip_dir, open_clip_raw):
+    torch.manual_seed(3)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+                              torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                              torch.nn.Linear(64, 16), torch.nn.Linear(16, 1)).eval()
+    head_file = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
+    torch.save({f"layers.{k}": v for k, v in mlp.state_dict().items()}, head_file)
+    reward = load_reward("aesthetic", head=tmp_path, clip_checkpoint=open_clip_dir)
+    assert not reward.uses_prompts and reward.differentiable
+    images = _images(seed=13)
+    with torch.no_grad():
+        expected = mlp(F.normalize(open_clip_raw[0].encode_image(_normalise(images)), dim=-1)).squeeze(-1)
+    torch.testing.assert_close(reward(images, None), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reward(images, PROMPTS), expected, atol=1e-5, rtol=1e-5)  # prompts are ignored
+    _check_gradients(reward, prompts=None)
+
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    torch.save({f"layers.{k}": v for k, v in torch.nn.Sequential(
+        torch.nn.Linear(8, 1024), torch.nn.Dropout(), torch.nn.Linear(1024, 128), torch.nn.Dropout(),
+        torch.nn.Linear(128, 64), torch.nn.Dropout(), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1)
+    ).state_dict().items()}, wrong / "sac+logos+ava1-l14-linearMSE.pth")
+    with pytest.raises(ValueError, match="expects 8-d"):
+        AestheticReward(head=wrong, clip_checkpoint=open_clip_dir)
+
+
+# ----------------------------------------------------------------------------- JPEG
+
+
+def test_jpeg_rewards_order_flat_above_noisy():
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    noisy = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    images = torch.cat([flat, noisy])
+    comp = load_reward("jpeg-compressibility")
+    incomp = load_reward("jpeg-incompressibility")
+    assert comp.differentiable is False and incomp.differentiable is False
+    c, i = comp(images, None), incomp(images, ["x", "y"])
+    assert c[0] > c[1] and i[1] > i[0]
+    torch.testing.assert_close(c, -i)
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray((noisy[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+        buffer, format="JPEG", quality=95)
+    assert i[1].item() == pytest.approx(buffer.tell() / 1000, abs=1e-6)
+    assert 0 < i[0] < i[1]
+
+
+# ----------------------------------------------------------------------------- registry and specs
+
+
+def test_registry_unknown_name_lists_known_names():
+    assert {"clip", "hpsv2", "pickscore", "aesthetic", "imagereward", "jpeg-compressibility",
+            "jpeg-incompressibility", "toy-clip"} <= set(rewards.REGISTRY)
+    with pytest.raises(ValueError) as info:
+        load_reward("hpsv3")
+    for name in ("hpsv2", "pickscore", "jpeg-compressibility", "toy-clip"):
+        assert name in str(info.value)
+    assert isinstance(load_reward(" JPEG-Compressibility "), rewards.JpegCompressibilityReward)
+
+
+def test_parse_reward_terms():
+    assert parse_reward_terms("1.0*hpsv2+0.1*imagereward") == [(1.0, "hpsv2"), (0.1, "imagereward")]
+    assert parse_reward_terms("clip") == [(1.0, "clip")]
+    assert parse_reward_terms(" 2 * toy-clip + -0.5*jpeg-compressibility ") == [(2.0, "toy-clip"),
+                                                                                (-0.5, "jpeg-compressibility")]
+    assert parse_reward_terms("1e-2*clip+1E+1*hpsv2") == [(0.01, "clip"), (10.0, "hpsv2")]
+
+
+@pytest.mark.parametrize("spec", ["", "   ", "1.0*", "*hpsv2", "hpsv2++clip", "hpsv2+", "+hpsv2", "1.0**hpsv2",
+                                  "hpsv2 clip", "abc*hpsv2", "nan*hpsv2", "1.0*hpsv2+0.5*hpsv2", "hpsv2*2",
+                                  "1,0*hpsv2"])
+def test_malformed_specs_raise_value_error(spec):
+    with pytest.raises(ValueError):
+        parse_reward_terms(spec)
+
+
+def test_weighted_spec_values_and_components():
+    images = torch.cat([torch.full((1, 3, 48, 48), 0.3), _images(2, 48, seed=4)])
+    mix = parse_reward_spec("2*jpeg-compressibility+0.5*jpeg-incompressibility")
+    assert isinstance(mix, WeightedReward) and mix.weights == (2.0, 0.5) and not mix.differentiable
+    assert mix.names == ["jpeg-compressibility", "jpeg-incompressibility"]
+    total, parts = mix(images, None, return_components=True)
+    size = rewards.jpeg_sizes_kb(images)
+    torch.testing.assert_close(parts, torch.stack([-size, size], dim=1))
+    torch.testing.assert_close(total, -1.5 * size)
+    torch.testing.assert_close(mix(images, None), total)
+    with pytest.raises(ValueError, match="unknown reward"):
+        parse_reward_spec("1*jpeg-compressibility+1*hpsv3")
+    with pytest.raises(ValueError, match="does not use"):
+        parse_reward_spec("jpeg-compressibility", model_kwargs={"hpsv2": {}})
+    with pytest.raises(ValueError):
+        WeightedReward([])
+
+
+def test_weighted_differentiable_mix(open_clip_dir, hps_checkpoint):
+    kwargs = {"clip": {"checkpoint": open_clip_dir, "clip_at_zero": False},
+              "hpsv2": {"checkpoint": hps_checkpoint, "arch": TINY_OPEN_CLIP}}
+    mix = parse_reward_spec("1.0*clip+0.5*hpsv2", model_kwargs=kwargs, device="cpu")
+    assert mix.differentiable
+    images = _images(seed=9)
+    total, parts = mix(images, PROMPTS, return_components=True)
+    cos = mix.models[1](images, PROMPTS)
+    torch.testing.assert_close(parts, torch.stack([100 * cos, cos], dim=1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(total, 100.5 * cos, atol=1e-4, rtol=0)
+    _check_gradients(mix)
+    with_jpeg = WeightedReward([(mix.models[0], 1.0), (load_reward("jpeg-incompressibility"), 0.1)])
+    assert not with_jpeg.differentiable and with_jpeg.name == "1*clip+0.1*jpeg-incompressibility"
+    with pytest.raises(ValueError, match="prompts are required"):
+        mix(images, None)
+
+
+# ----------------------------------------------------------------------------- missing weights
+
+
+def test_missing_weights_name_file_source_and_env(tmp_path, monkeypatch):
+    cases = [
+        (lambda: HPSv2Reward(), ["HPS_v2.1_compressed.pt", "xswu/HPSv2", "LCM_LAB_HPS_CHECKPOINT", "checkpoint="]),
+        (lambda: HPSv2Reward(version="v2.0"), ["HPS_v2_compressed.pt", "LCM_LAB_HPS_CHECKPOINT"]),
+        (lambda: CLIPScoreReward(), ["open_clip_pytorch_model.bin", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                                     "LCM_LAB_CLIP_CHECKPOINT"]),
+        (lambda: PickScoreReward(), ["yuvalkirstain/PickScore_v1", "LCM_LAB_PICKSCORE_DIR", "model_dir="]),
+        (lambda: AestheticReward(), ["sac+logos+ava1-l14-linearMSE.pth", "improved-aesthetic-predictor",
+                                     "LCM_LAB_AESTHETIC_HEAD"]),
+    ]
+    for build, needles in cases:
+        with pytest.raises(FileNotFoundError) as info:
+            build()
+        for needle in needles:
+            assert needle in str(info.value), (needle, str(info.value))
+
+    # a path that does not hold the file is named in the message, from an argument or the env var
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        HPSv2Reward(checkpoint=tmp_path / "nowhere.pt")
+    monkeypatch.setenv("LCM_LAB_HPS_CHECKPOINT", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="HPS_v2.1_compressed.pt"):
+        HPSv2Reward()
+
+    (tmp_path / "sac+logos+ava1-l14-linearMSE.pth").write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as info:
+        AestheticReward(head=tmp_path)
+    assert "LCM_LAB_AESTHETIC_CLIP_CHECKPOINT" in str(info.value)
+
+    pick = tmp_path / "pick"
+    pick.mkdir()
+    (pick / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError) as info:
+        PickScoreReward(model_dir=pick)
+    assert "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" in str(info.value)
+    assert "LCM_LAB_PICKSCORE_PROCESSOR_DIR" in str(info.value)
+
+    with pytest.raises(FileNotFoundError, match="build_toy_assets"):
+        load_reward("toy-clip", path=tmp_path)
+
+
+def test_imagereward_optional_dependency():
+    if importlib.util.find_spec("ImageReward") is None:
+        with pytest.raises(ImportError, match="pip install image-reward"):
+            load_reward("imagereward", clip_max=2.0)
+    else:  # installed: without weights the loader names the missing file
+        with pytest.raises((FileNotFoundError, ImportError)) as info:
+            load_reward("imagereward", clip_max=2.0)
+        assert "ImageReward" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- toy-clip
+
+
+def test_toy_clip_prefers_matching_captions():
+    from lcm_lab.rewards import toy_clip_dir
+    from lcm_lab.toy.world import ATTRIBUTES, ToyWorld, caption_for
+
+    if not (toy_clip_dir() / "open_clip_config.json").is_file():
+        pytest.skip(f"toy assets not built: {toy_clip_dir() / 'open_clip_config.json'} missing "
+                    "(python scripts/build_toy_assets.py)")
+    reward = load_reward("toy-clip")
+    assert reward.input_size == 32 and reward.differentiable
+    world = ToyWorld(0, "eval")
+    samples = [world[i] for i in range(48)]
+    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
+    matched = [s.caption for s in samples]
+    colors = ATTRIBUTES["color"]
+    mismatched = [caption_for({**s.attributes, "color": colors[(colors.index(s.attributes["color"]) + 1) % 4],
+                               "shape": ATTRIBUTES["shape"][(ATTRIBUTES["shape"].index(s.attributes["shape"]) + 1) % 4]})
+                  for s in samples]
+    with torch.no_grad():
+        good, bad = reward(images, matched), reward(images, mismatched)
+    assert good.shape == (48,) and (good >= 0).all()
+    assert good.mean() > bad.mean() + 1.0, (good.mean(), bad.mean())
+    assert (good > bad).float().mean() > 0.75
+
+
+def test_toy_clip_loader_on_a_fresh_toy_format_model(tmp_path):
+    """The toy-clip loader on a random model written exactly as the asset build writes it, compared
+    with the raw model fed the training-time tokenizer (transformers CLIPTokenizer, padded with
+    end-of-text to the 32-token context)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from lcm_lab.toy import models
+    from lcm_lab.toy.tokenizer import load_clip_tokenizer, write_clip_tokenizer
+
+    torch.manual_seed(1)
+    raw = models.build_reward_model().eval()
+    config = {"model_cfg": models.REWARD_MODEL_CONFIG, "preprocess_cfg": models.REWARD_PREPROCESS_CONFIG}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in raw.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    reward = load_reward("toy-clip", path=tmp_path, clip_at_zero=False)
+    assert reward.name == "toy-clip" and reward.input_size == 32
+
+    tokenizer = load_clip_tokenizer(write_clip_tokenizer(tmp_path / "tok", model_max_length=models.CONTEXT_LENGTH))
+    ids = tokenizer(PROMPTS, padding="max_length", max_length=models.CONTEXT_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids
+    images = _images(seed=21)
+    with torch.no_grad():
+        cos = F.cosine_similarity(raw.encode_image(_normalise(images)), raw.encode_text(ids), dim=-1)
+    torch.testing.assert_close(reward(images, PROMPTS), 100 * cos, atol=1e-4, rtol=0)
+    assert isinstance(open_clip.get_tokenizer(f"local-dir:{tmp_path}"), open_clip.SimpleTokenizer)
+    _check_gradients(reward)

@@ -1,0 +1,130 @@
+"""The embedded toy models: stock diffusers loading, parity of our sampler with the stock
+pipeline, the judge's accuracy, and the `lcm-lab sample` / `demo` commands."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+
+from lcm_lab.models.sd import toy_teacher_dir
+
+pytestmark = [
+    pytest.mark.skipif(not (toy_teacher_dir() / "model_index.json").exists(),
+                       reason="toy assets not built (python scripts/build_toy_assets.py)"),
+    pytest.mark.usefixtures("single_thread_torch"),
+]
+
+PROMPT = "a large striped red circle on the left, dark background"
+
+
+@pytest.fixture(scope="module")
+def ldm():
+    from lcm_lab.models.sd import load_ldm
+
+    return load_ldm()
+
+
+def test_stock_pipeline_loads_and_matches_our_ddim(ldm):
+    from diffusers import StableDiffusionPipeline
+
+    from lcm_lab.generation import generate
+
+    pipe = StableDiffusionPipeline.from_pretrained(toy_teacher_dir())
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    ref = pipe([PROMPT, PROMPT], num_inference_steps=6, guidance_scale=3.0, generator=gens,
+               output_type="pt").images
+    ours = generate(ldm, [PROMPT, PROMPT], [0, 1], sampler="ddim", steps=6, guidance_scale=3.0, progress=False)
+    assert ref.shape == ours.shape == (2, 3, 32, 32)
+    assert (ref - ours).abs().max() < 1e-4
+    assert (ours[0] - ours[1]).abs().max() > 0.05  # different seeds, different images
+
+
+def test_per_seed_images_do_not_depend_on_batch(ldm):
+    from lcm_lab.generation import generate
+
+    prompts = [PROMPT, "a small solid blue square on the top, light background", PROMPT]
+    together = generate(ldm, prompts, [7, 8, 9], sampler="lcm", steps=2, guidance_scale=3.0, batch_size=3)
+    alone = generate(ldm, prompts[2:], [9], sampler="lcm", steps=2, guidance_scale=3.0)
+    assert torch.allclose(together[2], alone[0], atol=1e-5)
+
+
+def test_teacher_follows_prompts(ldm):
+    from lcm_lab.eval.toy import eval_prompts, load_judge, prompt_accuracy
+    from lcm_lab.generation import generate
+
+    prompts, attrs = eval_prompts(24)
+    images = generate(ldm, prompts, list(range(24)), sampler="ddim", steps=20, guidance_scale=3.0)
+    acc = prompt_accuracy(load_judge(), images, attrs)
+    assert acc["accuracy"] >= 0.7, acc
+
+
+def test_judge_reads_real_images():
+    from lcm_lab.eval.toy import load_judge, prompt_accuracy, real_images
+
+    images, attrs = real_images(300, start=5000)
+    acc = prompt_accuracy(load_judge(), images, attrs)
+    assert min(v for k, v in acc.items() if k.startswith("acc_")) >= 0.97, acc
+
+
+def test_reward_model_loads_with_open_clip_and_prefers_matching_captions():
+    import open_clip
+
+    from lcm_lab.eval.toy import real_images
+    from lcm_lab.models.sd import assets_dir
+
+    model = open_clip.create_model("local-dir:" + str(assets_dir() / "toy" / "reward")).eval()
+    tok = open_clip.get_tokenizer("local-dir:" + str(assets_dir() / "toy" / "reward"))
+    images, attrs = real_images(16, start=7000)
+    from lcm_lab.toy.world import caption_for
+
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        img = model.encode_image((images - mean) / std, normalize=True)
+        txt = model.encode_text(tok([caption_for(a) for a in attrs]), normalize=True)
+    sims = img @ txt.t()
+    assert (sims.diag() > sims.mean(1)).float().mean() >= 0.9
+
+
+def test_cli_sample_writes_png_and_rejects_bad_input(tmp_path, capsys):
+    from PIL import Image
+
+    from lcm_lab.cli import main
+
+    out = tmp_path / "s.png"
+    assert main(["sample", "--prompt", PROMPT, "--steps", "4", "--out", str(out)]) == 0
+    assert Image.open(out).size == (32, 32)
+    grid = tmp_path / "g.png"
+    assert main(["sample", "--prompt", PROMPT, "--sampler", "lcm", "--steps", "2", "--num-images", "3",
+                 "--out", str(grid)]) == 0
+    assert Image.open(grid).size[0] > 3 * 32
+    # img2img from the first image
+    assert main(["sample", "--prompt", PROMPT, "--image", str(out), "--strength", "0.5", "--out",
+                 str(tmp_path / "i.png")]) == 0
+    capsys.readouterr()
+    for bad in (["--prompt", " "], ["--prompt", PROMPT, "--sampler", "lcm", "--steps", "60"],
+                ["--prompt", PROMPT, "--strength", "0.5"], ["--prompt", "word " * 60],
+                ["--prompt", PROMPT, "--image", str(tmp_path / "missing.png"), "--strength", "0.5"]):
+        assert main(["sample", *bad, "--out", str(tmp_path / "bad.png")]) == 2
+        assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png")
+    assert main(["sample", "--prompt", PROMPT, "--image", str(corrupt), "--strength", "0.5",
+                 "--out", str(tmp_path / "bad.png")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_demo_writes_grids_and_report(tmp_path):
+    from lcm_lab.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", num_prompts=3)
+    saved = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert saved["prompts"] == report["prompts"] and len(saved["prompts"]) == 3
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "demo" / "comparison.png"))
+    assert grid.shape[0] > 2 * 32 * 4 and grid.shape[1] > 3 * 32 * 4
