@@ -55,8 +55,8 @@ def main() -> None:
     results["floors"] = toy_floors(judge, ldm.vae, n)
     reference = toy_reference(judge, ldm.vae, n, 0)
 
-    # Generated sets use prompts from a disjoint part of the eval stream.
-    prompts, prompt_attrs = eval_prompts(n, start=2 * n)
+    # Generated sets use prompts from a part of the eval stream disjoint from the references.
+    prompts, prompt_attrs = eval_prompts(n)
     seeds = list(range(n))
     rows = []
     for steps in [int(s) for s in args.steps.split(",")]:

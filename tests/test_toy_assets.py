@@ -36,7 +36,7 @@ def test_stock_pipeline_loads_and_matches_our_ddim(ldm):
     gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
     ref = pipe([PROMPT, PROMPT], num_inference_steps=6, guidance_scale=3.0, generator=gens,
                output_type="pt").images
-    ours = generate(ldm, [PROMPT, PROMPT], [0, 1], sampler="ddim", steps=6, guidance_scale=3.0, progress=False)
+    ours = generate(ldm, [PROMPT, PROMPT], [0, 1], sampler="ddim", steps=6, guidance_scale=5.0, progress=False)
     assert ref.shape == ours.shape == (2, 3, 32, 32)
     assert (ref - ours).abs().max() < 1e-4
     assert (ours[0] - ours[1]).abs().max() > 0.05  # different seeds, different images
@@ -56,7 +56,7 @@ def test_teacher_follows_prompts(ldm):
     from lcm_lab.generation import generate
 
     prompts, attrs = eval_prompts(24)
-    images = generate(ldm, prompts, list(range(24)), sampler="ddim", steps=20, guidance_scale=3.0)
+    images = generate(ldm, prompts, list(range(24)), sampler="ddim", steps=20, guidance_scale=5.0)
     acc = prompt_accuracy(load_judge(), images, attrs)
     assert acc["accuracy"] >= 0.7, acc
 

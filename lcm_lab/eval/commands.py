@@ -60,7 +60,7 @@ def _sampler_list(text: str) -> list[str]:
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=None,
                    help="images per row (default: 1000 for toy, else one per prompt; prompts cycle)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the toy teacher's 3.0)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the toy teacher's 5.0)")
     p.add_argument("--gamma", type=float, default=0.3, help="TCD stochasticity gamma")
     p.add_argument("--prompts", default="toy", help="toy | FILE (one prompt per line) | hps:DIR | coco:FILE")
     p.add_argument("--per-style", type=int, default=None, help="HPS benchmark prompts per style")
@@ -183,7 +183,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="lcm", choices=SAMPLERS)
     s.add_argument("--steps", type=int, default=4)
     s.add_argument("--batch-size", type=int, default=4)
-    s.add_argument("--guidance", type=float, default=None, help="guidance scale (default 3.0)")
+    s.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the toy teacher's 5.0)")
     s.add_argument("--gamma", type=float, default=0.3, help="TCD gamma")
     s.add_argument("--repeats", type=int, default=5, help="timed calls per side (interleaved)")
     s.add_argument("--warmup", type=int, default=1, help="untimed calls per side first")

@@ -369,7 +369,7 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         model: a diffusers pipeline folder, a loaded
             :class:`~lcm_lab.models.sd.LatentDiffusionModel`, or ``None`` (the toy teacher).
         sampler, steps, guidance, gamma: sampler settings (see :func:`lcm_lab.generation.generate`);
-            ``guidance`` defaults to the toy teacher's 3.0.
+            ``guidance`` defaults to the toy teacher's 5.0.
         prompt_set: ``"toy"``, a text file, ``"hps:DIR"``, ``"coco:FILE"`` (see
             :func:`~lcm_lab.eval.prompts.load_prompt_set`), a :class:`~lcm_lab.eval.prompts.PromptSet`
             or a list of prompts / ``(prompt, metadata)`` pairs.

@@ -87,10 +87,14 @@ def _too_long_note(too_long: list[tuple], max_tokens: int | None, what: str) -> 
     return [f"{len(too_long)} prompt(s) longer than {max_tokens} tokens: {what} {shown}{more}"]
 
 
-def toy_prompts(n: int, start: int = 0, split: str = "eval") -> PromptSet:
-    """``n`` held-out toy-world captions; metadata ``{"attributes": {...}, "index": i}``."""
-    from .toy import eval_prompts
+def toy_prompts(n: int, start: int | None = None, split: str = "eval") -> PromptSet:
+    """``n`` held-out toy-world captions; metadata ``{"attributes": {...}, "index": i}``.
 
+    By default they start at :data:`lcm_lab.eval.toy.PROMPT_START`, disjoint from the
+    held-out real images used as FD references."""
+    from .toy import PROMPT_START, eval_prompts
+
+    start = PROMPT_START if start is None else start
     if n < 1:
         raise ValueError(f"number of toy prompts must be >= 1, got {n}")
     prompts, attributes = eval_prompts(n, start, split)

@@ -23,6 +23,9 @@ from ..toy.world import ATTRIBUTE_NAMES, ToyWorld, attribute_labels
 from .frechet import FeatureStats, fd_between
 
 EVAL_SEED = 1234  # seed of the held-out evaluation stream (split "eval")
+# Reference and floor sets use eval images [0, 2 * num); generated sets take their prompts from
+# here on, so that prompts never coincide with reference images (the unpaired floors apply).
+PROMPT_START = 100_000
 
 
 def toy_judge_dir() -> Path:
@@ -33,8 +36,9 @@ def load_judge(path=None) -> AttributeJudge:
     return AttributeJudge.from_pretrained(path or toy_judge_dir())
 
 
-def eval_prompts(n: int, start: int = 0, split: str = "eval") -> tuple[list[str], list[dict]]:
-    """``n`` held-out (caption, attributes) pairs of the evaluation stream."""
+def eval_prompts(n: int, start: int = PROMPT_START, split: str = "eval") -> tuple[list[str], list[dict]]:
+    """``n`` held-out (caption, attributes) pairs of the evaluation stream (by default
+    disjoint from the reference images of :func:`toy_reference` and :func:`toy_floors`)."""
     pairs = ToyWorld(EVAL_SEED, split).prompts(n, start)
     return [p for p, _ in pairs], [a for _, a in pairs]
 

@@ -413,7 +413,7 @@ def build_all(cfg: BuildConfig) -> dict:
         "attributes": {k: list(v) for k, v in ATTRIBUTES.items()},
         "held_out": sorted(list(t) for t in HELD_OUT),
         "build": asdict(cfg),
-        "build_seconds": timings,
+        "last_run_seconds": timings,  # per stage, in the run that finished the build (0 if already done)
     }
     tmp = out / "world.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
