@@ -8,21 +8,20 @@ consistency distillation has to close is visible.
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 
 import torch
 
-from .toy import TEACHER_GUIDANCE
+from .eval.evaluate import atomic_write_text
 from .eval.toy import eval_prompts
 from .generation import timed_generate
 from .imaging import save_grid
 from .models.sd import load_ldm
+from .toy import TEACHER_GUIDANCE
 
 
 def run_demo(out_dir: Path, num_prompts: int = 8, seed: int = 0, guidance: float = TEACHER_GUIDANCE) -> dict:
-    """Write teacher grids (DDIM-50, DDIM-4) and ``report.json`` into ``out_dir``."""
+    """Write teacher grids (DDIM-50, DDIM-4), ``report.json`` and ``report.md`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_ldm()
     prompts, _ = eval_prompts(num_prompts)
@@ -39,9 +38,12 @@ def run_demo(out_dir: Path, num_prompts: int = 8, seed: int = 0, guidance: float
     comparison = save_grid(torch.cat(grids), out_dir / "comparison.png", nrow=num_prompts, scale=4)
     report = {"prompts": prompts, "seeds": seeds, "rows": rows, "comparison": str(comparison),
               "comparison_layout": "row 1: teacher DDIM-50, row 2: teacher DDIM-4 (same prompts and seeds)"}
-    tmp = out_dir / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out_dir / "report.json")
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
+    lines = ["| model | sampler | steps | guidance | ms/image | grid |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['guidance']} | {r['sec_per_image'] * 1000:.1f} "
+              f"| {Path(r['grid']).name} |" for r in rows]
+    atomic_write_text(out_dir / "report.md", "\n".join(["# lcm-lab demo", "", *lines, "",
+                                                        f"Comparison: {report['comparison_layout']}", ""]))
     print(f"comparison grid (top: DDIM-50, bottom: DDIM-4) -> {comparison}")
     for i, p in enumerate(prompts):
         print(f"  column {i + 1}: {p}")

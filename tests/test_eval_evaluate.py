@@ -279,7 +279,10 @@ def test_toy_world_metrics_match_toy_module(tmp_path):
     assert any(k.startswith("acc_") for k in row) and 0 <= row["accuracy"] <= 1 and row["clip"] >= 0
 
     prompts, attrs = eval_prompts(12)
-    images = generate(model, prompts, list(range(3, 15)), sampler="ddim", steps=4, guidance_scale=3.0, progress=False)
+    from lcm_lab.toy import TEACHER_GUIDANCE  # evaluate's default guidance
+
+    images = generate(model, prompts, list(range(3, 15)), sampler="ddim", steps=4, guidance_scale=TEACHER_GUIDANCE,
+                      progress=False)
     expected = toy_metrics(judge, toy_reference(judge, model.vae, 64), images, attrs)
     for key in ("fd", "fd_real", "accuracy"):
         assert math.isclose(row[key], expected[key], rel_tol=1e-5, abs_tol=1e-6), key

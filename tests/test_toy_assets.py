@@ -34,7 +34,7 @@ def test_stock_pipeline_loads_and_matches_our_ddim(ldm):
     pipe = StableDiffusionPipeline.from_pretrained(toy_teacher_dir())
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
-    ref = pipe([PROMPT, PROMPT], num_inference_steps=6, guidance_scale=3.0, generator=gens,
+    ref = pipe([PROMPT, PROMPT], num_inference_steps=6, guidance_scale=5.0, generator=gens,
                output_type="pt").images
     ours = generate(ldm, [PROMPT, PROMPT], [0, 1], sampler="ddim", steps=6, guidance_scale=5.0, progress=False)
     assert ref.shape == ours.shape == (2, 3, 32, 32)
@@ -124,6 +124,7 @@ def test_demo_writes_grids_and_report(tmp_path):
     report = run_demo(tmp_path / "demo", num_prompts=3)
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert saved["prompts"] == report["prompts"] and len(saved["prompts"]) == 3
+    assert "| teacher | ddim | 50 |" in (tmp_path / "demo" / "report.md").read_text()
     from PIL import Image
 
     grid = np.asarray(Image.open(tmp_path / "demo" / "comparison.png"))
