@@ -119,11 +119,13 @@ def test_bench_speed_w_conditioned_student_uses_lcm_pipeline(tmp_path):
 def test_peak_memory_cpu():
     mem = PeakMemory(torch.device("cpu"))
     mem.reset()
-    block = torch.ones(16 * 2**20 // 4)  # 16 MiB, touched
+    # 64 MiB, touched: above glibc's largest mmap threshold (32 MiB), so these are fresh pages
+    # rather than memory freed earlier in the test session and still resident.
+    block = torch.ones(64 * 2**20 // 4)
     peak = mem.peak_mb()
     assert peak >= mem.baseline_mb > 0
     if mem.kind == "rss_high_water_mark":
-        assert peak - mem.baseline_mb > 8
+        assert peak - mem.baseline_mb > 32
     del block
 
 

@@ -93,6 +93,7 @@ class ToyReference:
     recon: FeatureStats
     real: FeatureStats
     num: int
+    floors: dict[str, float] | None = None  # :func:`toy_floors` at ``num`` vs ``num`` samples
 
 
 def toy_reference(judge: AttributeJudge, vae, num: int = 1000, start: int = 0) -> ToyReference:
