@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from lcm_lab.toy import TEACHER_GUIDANCE  # noqa: E402
 from lcm_lab.eval.toy import (  # noqa: E402
-    eval_prompts, load_judge, prompt_accuracy, psnr, real_images, toy_floors, toy_metrics, toy_reference,
+    eval_prompts, load_judge, prompt_accuracy, psnr, real_images, toy_metrics, toy_reference,
     vae_reconstruct,
 )
 from lcm_lab.generation import timed_generate  # noqa: E402
@@ -52,8 +52,8 @@ def main() -> None:
     recon = vae_reconstruct(ldm.vae, real)
     results["vae_psnr_db"] = psnr(recon, real)
     results["judge_accuracy_recon"] = prompt_accuracy(judge, recon, attrs)
-    results["floors"] = toy_floors(judge, ldm.vae, n)
-    reference = toy_reference(judge, ldm.vae, n, 0)
+    reference = toy_reference(judge, ldm.vae, n)
+    results["floors"] = reference.floors
 
     # Generated sets use prompts from a part of the eval stream disjoint from the references.
     prompts, prompt_attrs = eval_prompts(n)
@@ -83,9 +83,9 @@ def main() -> None:
     fl = results["floors"]
     lines += ["", f"VAE reconstruction PSNR: {results['vae_psnr_db']:.2f} dB", "",
               "| FD floor | value |", "|---|---|",
-              f"| recon vs recon (floor of FD) | {fl['fd_recon_vs_recon']:.3f} |",
-              f"| real vs real (floor of FD-real) | {fl['fd_real_vs_real']:.3f} |",
-              f"| VAE recon vs real (VAE error) | {fl['fd_recon_vs_real']:.3f} |", "",
+              f"| recon vs recon (floor of FD) | {fl['fd_floor']:.3f} |",
+              f"| real vs real (floor of FD-real) | {fl['fd_real_floor']:.3f} |",
+              f"| VAE recon vs real (VAE error) | {fl['fd_vae']:.3f} |", "",
               "| model | sampler | steps | guidance | FD | FD-real | prompt acc. | s/image |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['guidance']} | {r['fd']:.3f} | "

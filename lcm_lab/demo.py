@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .eval.evaluate import atomic_write_text
+from .eval.evaluate import atomic_write_text, format_table
 from .eval.toy import eval_prompts
 from .generation import timed_generate
 from .imaging import save_grid
@@ -39,11 +39,9 @@ def run_demo(out_dir: Path, num_prompts: int = 8, seed: int = 0, guidance: float
     report = {"prompts": prompts, "seeds": seeds, "rows": rows, "comparison": str(comparison),
               "comparison_layout": "row 1: teacher DDIM-50, row 2: teacher DDIM-4 (same prompts and seeds)"}
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
-    lines = ["| model | sampler | steps | guidance | ms/image | grid |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['guidance']} | {r['sec_per_image'] * 1000:.1f} "
-              f"| {Path(r['grid']).name} |" for r in rows]
-    atomic_write_text(out_dir / "report.md", "\n".join(["# lcm-lab demo", "", *lines, "",
-                                                        f"Comparison: {report['comparison_layout']}", ""]))
+    table = format_table(rows, ["model", "sampler", "steps", "guidance", "sec_per_image", "grid"])
+    atomic_write_text(out_dir / "report.md",
+                      f"# lcm-lab demo\n\n{table}\nComparison: {report['comparison_layout']}\n")
     print(f"comparison grid (top: DDIM-50, bottom: DDIM-4) -> {comparison}")
     for i, p in enumerate(prompts):
         print(f"  column {i + 1}: {p}")

@@ -8,8 +8,8 @@ images. Optionally every image is written as ``{index:05d}.png`` (atomically) wi
 
 Metrics (``metrics=``):
 
-* ``fd`` (+ ``fd_real``, and their floors ``fd_floor`` / ``fd_real_floor``: the same
-  distances between two disjoint held-out real sets of the reference size) and ``accuracy`` (+ ``acc_<attribute>``): the toy world's judge
+* ``fd`` (+ ``fd_real``, and the floors ``fd_floor`` / ``fd_real_floor`` / ``fd_vae`` of
+  :func:`lcm_lab.eval.toy.toy_reference`) and ``accuracy`` (+ ``acc_<attribute>``): the toy world's judge
   (:mod:`lcm_lab.eval.toy`); toy prompts only;
 * ``clip``: CLIP score (Hessel et al. 2021), ``toy-clip`` for toy prompts, else the ``clip``
   reward with a user-supplied open_clip model;
@@ -226,25 +226,13 @@ class MetricSuite:
     # -- references
 
     def _toy_reference(self, vae):
-        """Judge statistics of held-out real toy images and of their VAE reconstructions
-        (:func:`lcm_lab.eval.toy.toy_reference`, with the images moved to the networks' devices)."""
-        from .toy import ToyReference, judge_features, real_images, vae_reconstruct
+        """:func:`lcm_lab.eval.toy.toy_reference` for ``vae``, computed once per VAE."""
+        from .toy import toy_reference
 
         for known, ref in self._toy_refs:
             if known is vae:
                 return ref
-        vae_device = next(vae.parameters()).device
-
-        def features(start: int):
-            images, _ = real_images(self.reference_num, start)
-            recon = vae_reconstruct(vae, images.to(vae_device))
-            return (FeatureStats.of(judge_features(self.judge, recon.to(self.device)).cpu()),
-                    FeatureStats.of(judge_features(self.judge, images.to(self.device)).cpu()))
-
-        # Set A (images [0, n)) is the reference; set B ([n, 2n)) only gives the floors.
-        (recon_a, real_a), (recon_b, real_b) = features(0), features(self.reference_num)
-        floors = {"fd_floor": fd_between(recon_b, recon_a), "fd_real_floor": fd_between(real_b, real_a)}
-        ref = ToyReference(recon_a, real_a, self.reference_num, floors)
+        ref = toy_reference(self.judge, vae, self.reference_num)
         self._toy_refs.append((vae, ref))
         return ref
 
@@ -318,7 +306,7 @@ class _Accumulator:
         if "fd" in s.metrics:
             out["fd"] = fd_between(self.judge_stats, self.toy_ref.recon)
             out["fd_real"] = fd_between(self.judge_stats, self.toy_ref.real)
-            out.update(self.toy_ref.floors)  # two real sets of the reference size: the best reachable
+            out.update(self.toy_ref.floors)
         if "accuracy" in s.metrics:
             out.update({k: v / self.count for k, v in self.acc_sums.items()})
         if s.clip is not None:

@@ -23,7 +23,7 @@ from ..toy.world import ATTRIBUTE_NAMES, ToyWorld, attribute_labels
 from .frechet import FeatureStats, fd_between
 
 EVAL_SEED = 1234  # seed of the held-out evaluation stream (split "eval")
-# Reference and floor sets use eval images [0, 2 * num); generated sets take their prompts from
+# Reference and floor sets use eval images [0, 2 * num) (num <= 50_000); generated sets take their prompts from
 # here on, so that prompts never coincide with reference images (the unpaired floors apply).
 PROMPT_START = 100_000
 
@@ -38,7 +38,7 @@ def load_judge(path=None) -> AttributeJudge:
 
 def eval_prompts(n: int, start: int = PROMPT_START, split: str = "eval") -> tuple[list[str], list[dict]]:
     """``n`` held-out (caption, attributes) pairs of the evaluation stream (by default
-    disjoint from the reference images of :func:`toy_reference` and :func:`toy_floors`)."""
+    disjoint from the reference and floor images of :func:`toy_reference`)."""
     pairs = ToyWorld(EVAL_SEED, split).prompts(n, start)
     return [p for p, _ in pairs], [a for _, a in pairs]
 
@@ -87,42 +87,49 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @dataclass
 class ToyReference:
-    """Reference statistics for toy FD: judge features of held-out real images and of
-    their VAE reconstructions (the set generated images are compared against)."""
+    """Reference statistics for toy FD: judge features of held-out real images (set A, eval
+    images ``[0, num)``) and of their VAE reconstructions (what generated images are compared
+    against), plus the floors measured against a second disjoint real set B (``[num, 2 num)``)."""
 
     recon: FeatureStats
     real: FeatureStats
     num: int
-    floors: dict[str, float] | None = None  # :func:`toy_floors` at ``num`` vs ``num`` samples
+    floors: dict[str, float]
 
 
-def toy_reference(judge: AttributeJudge, vae, num: int = 1000, start: int = 0) -> ToyReference:
+def _judge_stats(judge: AttributeJudge, vae, num: int, start: int) -> tuple[FeatureStats, FeatureStats]:
+    """(reconstructions, real) judge statistics of eval images ``[start, start + num)``; the
+    images go to the VAE's device, the reconstructions to the judge's."""
+    vae_device = next(vae.parameters()).device
+    judge_device = next(judge.parameters()).device
     images, _ = real_images(num, start)
-    recon = vae_reconstruct(vae, images)
-    return ToyReference(FeatureStats.of(judge_features(judge, recon)),
-                        FeatureStats.of(judge_features(judge, images)), num)
+    recon = vae_reconstruct(vae, images.to(vae_device))
+    return (FeatureStats.of(judge_features(judge, recon.to(judge_device)).cpu()),
+            FeatureStats.of(judge_features(judge, images.to(judge_device)).cpu()))
+
+
+def toy_reference(judge: AttributeJudge, vae, num: int = 1000) -> ToyReference:
+    """The toy FD reference and its floors at ``num`` vs ``num`` samples:
+
+    * ``fd_floor``: reconstructions of B vs reconstructions of A (the floor of ``fd``);
+    * ``fd_real_floor``: real B vs real A (the floor of ``fd_real``);
+    * ``fd_vae``: reconstructions of B vs real A (the VAE's own error).
+    """
+    recon_a, real_a = _judge_stats(judge, vae, num, 0)
+    recon_b, real_b = _judge_stats(judge, vae, num, num)
+    floors = {"fd_floor": fd_between(recon_b, recon_a), "fd_real_floor": fd_between(real_b, real_a),
+              "fd_vae": fd_between(recon_b, real_a)}
+    return ToyReference(recon_a, real_a, num, floors)
 
 
 def toy_metrics(judge: AttributeJudge, reference: ToyReference, images: torch.Tensor,
                 attributes: list[dict]) -> dict[str, float]:
-    """FD (vs reconstructions), FD vs real images, and prompt accuracy of generated images."""
+    """FD (vs reconstructions), FD vs real images, their floors, and prompt accuracy."""
     feats = judge_features(judge, images)
-    out = {"fd": fd_between(feats, reference.recon), "fd_real": fd_between(feats, reference.real)}
+    out = {"fd": fd_between(feats, reference.recon), "fd_real": fd_between(feats, reference.real),
+           **reference.floors}
     out.update(prompt_accuracy(judge, images, attributes))
     return out
-
-
-def toy_floors(judge: AttributeJudge, vae, num: int = 1000) -> dict[str, float]:
-    """FD floors at this sample size, from two disjoint held-out real sets A and B."""
-    a, _ = real_images(num, 0)
-    b, _ = real_images(num, num)
-    fa, fb = judge_features(judge, a), judge_features(judge, b)
-    ra, rb = judge_features(judge, vae_reconstruct(vae, a)), judge_features(judge, vae_reconstruct(vae, b))
-    return {
-        "fd_recon_vs_recon": fd_between(rb, ra),  # floor of `fd` (generated vs reconstructions)
-        "fd_real_vs_real": fd_between(fb, fa),    # floor of `fd_real`
-        "fd_recon_vs_real": fd_between(rb, fa),   # the VAE's own error
-    }
 
 
 def format_number(x: float) -> str:
