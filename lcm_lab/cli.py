@@ -2,7 +2,8 @@
 
     lcm-lab sample --prompt TEXT [--model DIR] [--sampler ddim|lcm|tcd] [--steps N]
                    [--guidance W] [--seed S] [--image PNG --strength F] [--out PNG]
-    lcm-lab demo --out DIR
+    lcm-lab demo --out DIR [--num-samples N] [section.key=value ...]
+    lcm-lab train lcd --config configs/toy/lcd.yaml [section.key=value ...]
     lcm-lab eval --model DIR --sampler ddim --steps 4,50 --out DIR
     lcm-lab bench quality|speed ...
 """
@@ -62,7 +63,29 @@ def _vae_factor(model) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), num_prompts=args.num_prompts, seed=args.seed)
+    report = run_demo(Path(args.out), num_samples=args.num_samples, overrides=args.overrides,
+                      num_prompts=args.num_prompts)
+    failed = [c["check"] for c in report["checks"] if not c["pass"]]
+    if failed:
+        print(f"warning: {len(failed)} demo check(s) not met: {'; '.join(failed)}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import load_method_config, run
+    from .training.config import config_to_dict, help_text
+
+    if args.help_config or args.print_config:
+        cfg = load_method_config(args.method, args.config, args.overrides)
+        if args.help_config:
+            print(help_text(type(cfg)))
+        else:
+            import yaml
+
+            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return 0
+    out = run(args.method, args.config, args.overrides)
+    print(f"done: checkpoints, logs and the exported model are in {out}")
     return 0
 
 
@@ -87,9 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on the embedded toy world")
     d.add_argument("--out", default="outputs/demo")
-    d.add_argument("--num-prompts", type=int, default=8)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--num-samples", type=int, default=1000, help="images per evaluated setting")
+    d.add_argument("--num-prompts", type=int, default=8, help="columns of the comparison grid")
+    d.add_argument("overrides", nargs="*", help="changes to configs/toy/lcd.yaml, e.g. train.max_steps=200")
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train with one method's config (also: accelerate launch scripts/train_<method>.py)")
+    t.add_argument("method", choices=["lcd"], help="training method")
+    t.add_argument("--config", default=None, help="YAML config (configs/<family>/<method>.yaml)")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=200")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+    t.set_defaults(func=cmd_train)
 
     add_eval_parser(sub)
     add_bench_parser(sub)
@@ -97,7 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `train` takes key=value overrides anywhere on the line (argparse stops collecting positionals
+    # at the first option, so the ones after --config arrive as "unknown").
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command not in ("train", "demo") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -39,7 +39,7 @@ def generate(
     strength: float = 1.0,
     batch_size: int = 64,
     gamma: float = 0.3,
-    original_inference_steps: int = 50,
+    original_inference_steps: int | None = None,
     truncate: bool = False,
     progress: bool = True,
     output: str = "images",
@@ -59,6 +59,9 @@ def generate(
         strength: how far towards noise the init images are taken, in (0, 1].
         batch_size: images per network call.
         gamma: TCD's stochasticity.
+        original_inference_steps: LCM/TCD distillation grid size; default: the model's scheduler config
+            (an exported ``LCMScheduler`` records it) or 50. The LCM boundary ``timestep_scaling`` is
+            read from the scheduler config the same way (default 10).
         output: ``"images"`` (N, 3, H, W) in [0, 1] or ``"latents"``.
 
     Runs under ``torch.inference_mode``; the result is an ordinary tensor.
@@ -73,9 +76,13 @@ def generate(
         raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
     steps = steps or DEFAULT_STEPS[sampler]
     schedule, device = model.schedule, model.device
+    if original_inference_steps is None:
+        original_inference_steps = int(model.scheduler_config.get("original_inference_steps", 50))
     timesteps = timesteps_for(sampler, steps, schedule, strength, original_inference_steps)
     sample_fn = SAMPLERS[sampler]
     kwargs = {"gamma": gamma} if sampler == "tcd" else {}
+    if sampler == "lcm":
+        kwargs["timestep_scaling"] = float(model.scheduler_config.get("timestep_scaling", 10.0))
     # inference_mode is cheaper than no_grad (no autograd version tracking).
     with torch.inference_mode():
         w_cond = is_w_conditioned(model.unet)

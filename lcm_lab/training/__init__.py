@@ -1,0 +1,38 @@
+"""Training: one accelerate loop (:mod:`.trainer`) and per-method tasks (:mod:`.lcd`, ...).
+
+:func:`run` is what ``lcm-lab train METHOD`` and ``scripts/train_<method>.py`` call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["METHODS", "load_method_config", "run"]
+
+
+def _lcd():
+    from .lcd import LCDRunConfig, train_lcd
+
+    return LCDRunConfig, train_lcd
+
+
+METHODS = {"lcd": _lcd}
+
+
+def load_method_config(method: str, config: str | os.PathLike | None, overrides: Sequence[str] = ()):
+    """The config dataclass of ``method`` from a YAML file plus ``key=value`` overrides."""
+    from .config import load_config
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    cls, _ = METHODS[method]()
+    return load_config(cls, config, overrides)
+
+
+def run(method: str, config: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Path:
+    """Train ``method`` with a YAML config and overrides; returns the output folder."""
+    cfg = load_method_config(method, config, overrides)
+    _, train_fn = METHODS[method]()
+    return train_fn(cfg)

@@ -1,0 +1,87 @@
+"""Checkpoints: ``accelerator.save_state`` into a temporary folder, renamed when complete.
+
+Layout: ``<output_dir>/checkpoints/checkpoint-<step>/`` holding accelerate's state (student weights,
+optimizer, LR schedule, RNG) plus ``extra/*.safetensors`` for state accelerate does not own (EMA
+target, reward-model proxies). accelerate reloads its files with ``torch.load(weights_only=True)``; the
+extras are safetensors, so nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["checkpoint_dirs", "find_checkpoint", "save_checkpoint", "load_checkpoint"]
+
+PREFIX = "checkpoint-"
+
+
+def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (temporary folders are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def find_checkpoint(root: str | os.PathLike, spec: str) -> Path:
+    """Resolve ``resume_from_checkpoint``: ``"latest"`` or a checkpoint folder."""
+    if spec == "latest":
+        found = checkpoint_dirs(root)
+        if not found:
+            raise FileNotFoundError(f"resume_from_checkpoint=latest but {root} has no checkpoint-<step> folder")
+        return found[-1]
+    path = Path(spec)
+    if not (path / "lcm_lab_state.json").is_file():
+        raise FileNotFoundError(f"{path} is not an lcm_lab checkpoint (no lcm_lab_state.json); "
+                                "pass a checkpoint-<step> folder or 'latest'")
+    return path
+
+
+def save_checkpoint(accelerator, root: str | os.PathLike, step: int, extra: dict[str, dict[str, torch.Tensor]],
+                    total_limit: int | None = None) -> Path:
+    """Save the full training state at ``step``; keep at most ``total_limit`` checkpoints.
+
+    All ranks must call this (accelerate saves per-rank RNG states). The folder appears under its
+    final name only once every file is written, so a crash never leaves a checkpoint that
+    ``resume latest`` would pick up half-written.
+    """
+    root = Path(root)
+    final = root / f"{PREFIX}{step}"
+    tmp = root / f".tmp-{PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "extra").mkdir(exist_ok=True)
+        for name, tensors in extra.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "extra" / f"{name}.safetensors")
+        (tmp / "lcm_lab_state.json").write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            for old in checkpoint_dirs(root)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
+    """Restore accelerate's state from ``path``; return the step and the extra tensors."""
+    try:
+        step = int(json.loads((path / "lcm_lab_state.json").read_text())["step"])
+        accelerator.load_state(str(path))
+        extra = {p.stem: load_file(p) for p in sorted((path / "extra").glob("*.safetensors"))}
+    except Exception as e:  # a truncated or foreign file: say which checkpoint is broken
+        raise RuntimeError(f"cannot resume from {path}: {type(e).__name__}: {e}. Delete that folder to resume "
+                           "from the previous checkpoint, or start a new output_dir.") from e
+    return step, extra

@@ -1,0 +1,162 @@
+"""Config dataclasses from YAML plus ``key=value`` overrides (TRL-style fields with help text).
+
+A run's config is a tree of dataclasses. :func:`load_config` fills it from a YAML file, then applies
+command-line overrides such as ``train.max_steps=200`` or ``objective.w_min=3``. Unknown keys are an
+error that names the key and the closest valid ones: a typo must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+__all__ = ["ConfigError", "load_config", "config_from_dict", "config_to_dict", "apply_overrides", "help_text"]
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config's dataclasses."""
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _unknown(key: str, valid: Sequence[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {where}{key!r}.{hint} Valid keys here: {', '.join(sorted(valid))}.")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value to the annotated type (int -> float is allowed, nothing else implicit)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of its keys, got {value!r}")
+        return config_from_dict(tp, value, prefix=f"{where}.")
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or tp is tuple else items
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def config_from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise :class:`ConfigError`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types_:
+            raise _unknown(str(key), list(types_), prefix)
+        kwargs[key] = _coerce(value, types_[key], f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # __post_init__ validation
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
+
+
+def config_to_dict(config) -> dict:
+    """The plain-dict form of a config (what :func:`load_config` reads back)."""
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML (``3``, ``1e-4``, ``[1,2]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.max_steps=100)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        # YAML reads "1e-4" as a string (YAML 1.1); accept the usual float spellings too.
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") and not value.isalpha() else value
+            except ValueError:
+                pass
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> C:
+    """Load ``cls`` from a YAML file (optional) and ``key=value`` overrides.
+
+    Args:
+        cls: the top-level config dataclass.
+        path: YAML file; missing keys keep their defaults.
+        overrides: ``section.key=value`` strings applied after the file.
+
+    Raises:
+        FileNotFoundError: the YAML file does not exist.
+        ConfigError: unknown keys, wrong types, or values that fail validation.
+    """
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from e
+    data = apply_overrides(data, overrides)
+    return config_from_dict(cls, data)
+
+
+def help_text(cls, prefix: str = "") -> str:
+    """One line per key with its default and help, for ``--help-config``."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(help_text(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        lines.append(f"  {prefix}{f.name} = {default!r}    {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""Exponential moving averages of parameters: the LCD target network theta^- and export EMAs."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["EMA"]
+
+
+class EMA:
+    """Keeps ``shadow <- decay * shadow + (1 - decay) * online`` over the *trainable* parameters.
+
+    The shadow lives in a module of its own (``self.model``, e.g. the LCD target network), so it can be
+    called like any network. For a LoRA student the frozen base weights are shared with the online
+    model instead of copied, and only the adapter weights are averaged.
+
+    Args:
+        online: the trained module (unwrapped, not DDP).
+        decay: EMA decay (LCD target: 0.95, LCM paper / REFERENCE.md §1).
+        model: the module holding the shadow weights; must have the same parameter names as ``online``.
+    """
+
+    def __init__(self, online: torch.nn.Module, decay: float, model: torch.nn.Module) -> None:
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.model = model.requires_grad_(False)
+        shadow = dict(self.model.named_parameters())
+        online_params = dict(online.named_parameters())
+        if shadow.keys() != online_params.keys():
+            raise ValueError("EMA model and online model have different parameters")
+        self.names = [n for n, p in online_params.items() if p.requires_grad]
+        self._online = [online_params[n] for n in self.names]
+        self._shadow = [shadow[n] for n in self.names]
+        # Frozen weights: share storage rather than duplicating them (LoRA students).
+        for name, p in online_params.items():
+            if not p.requires_grad:
+                module_name, _, attr = name.rpartition(".")
+                setattr(self.model.get_submodule(module_name), attr, p)
+        with torch.no_grad():
+            torch._foreach_copy_(self._shadow, [p.detach() for p in self._online])
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One EMA step; one fused ``lerp`` over all tensors instead of a Python loop per parameter."""
+        torch._foreach_lerp_(self._shadow, [p.detach() for p in self._online], 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": {n: p.detach().clone() for n, p in zip(self.names, self._shadow)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        shadow = state["shadow"]
+        missing = set(self.names) - set(shadow)
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for n, p in zip(self.names, self._shadow):
+                p.copy_(shadow[n])

@@ -1,0 +1,287 @@
+"""The one accelerate training loop every lcm_lab method runs on.
+
+Methods differ only in their :class:`Task` (models + loss object, EDM's ``loss.py`` idea): LCD, RG-LCD
+and later objectives plug into :func:`train` unchanged. The loop owns what is common: devices and
+mixed precision, the optimizer and LR schedule, gradient accumulation and clipping, deterministic
+per-step randomness, checkpoints and ``resume latest``, logging, validation grids, and export.
+
+Randomness is a function of ``(seed, rank, step)``: the data sampler and the per-step
+``torch.Generator`` handed to the task are re-derived from the step number, so a resumed run continues
+exactly like an uninterrupted one and ranks see different data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = ["LoopConfig", "Task", "train", "step_generator", "to_channels_last"]
+
+
+@dataclass
+class LoopConfig:
+    """Settings of the training loop shared by every method (defaults: diffusers' LCD scripts)."""
+
+    output_dir: str = field(default="outputs/run", metadata={"help": "Checkpoints, logs, validation grids, exports."})
+    seed: int = field(default=0, metadata={"help": "Base seed; step s on rank r draws from (seed, r, s)."})
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=16, metadata={"help": "Per-device micro-batch size."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (<= 0 disables)."})
+    lr_scheduler: str = field(default="constant_with_warmup", metadata={
+        "help": "diffusers.optimization schedule: constant, constant_with_warmup, linear, cosine, ..."})
+    lr_warmup_steps: int = field(default=500, metadata={"help": "Warm-up steps of the LR schedule."})
+    mixed_precision: str = field(default="no", metadata={
+        "help": "'no', 'fp16' or 'bf16': frozen nets run in it, the student keeps fp32 master weights."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute student activations."})
+    attention: str = field(default="sdpa", metadata={"help": "'sdpa' (PyTorch) or 'xformers' (GPU, optional)."})
+    channels_last: bool = field(default=True, metadata={
+        "help": "Store UNet conv weights channels-last (faster convolutions on CPU and tensor cores)."})
+    checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps."})
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "'latest' or a checkpoint folder; 'latest' with no checkpoint yet starts fresh."})
+    validation_steps: int = field(default=500, metadata={"help": "Validation grid every N steps (0: never)."})
+    log_every: int = field(default=10, metadata={"help": "Scalar logging interval in steps."})
+    report_to: str = field(default="tensorboard", metadata={"help": "'tensorboard', 'wandb', 'all' or 'none'."})
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.attention not in ("sdpa", "xformers"):
+            raise ValueError(f"attention must be 'sdpa' or 'xformers', got {self.attention!r}")
+        if self.report_to not in ("tensorboard", "wandb", "all", "none"):
+            raise ValueError(f"report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError("checkpoints_total_limit must be >= 1 (or null for no limit)")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+class Task(Protocol):
+    """What a method provides to :func:`train`."""
+
+    student: torch.nn.Module  # the trained network (its trainable parameters are optimised)
+
+    def setup(self, accelerator, channels_last: bool) -> None:
+        """Move networks to the device (frozen ones in the mixed-precision dtype, all channels-last when
+        asked, see :func:`to_channels_last`); build anything device-bound."""
+
+    def batches(self, rank: int, start: int):
+        """Iterator over micro-batches, the first being micro-step ``start`` of this rank."""
+
+    def loss(self, student: torch.nn.Module, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Scalar loss (and float logs) for one micro-batch; ``student`` may be DDP-wrapped."""
+
+    def after_step(self, step: int) -> dict:
+        """After each optimizer step (EMA target update, proxy-model updates); returns logs."""
+
+    def extra_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors to checkpoint besides the student/optimizer (e.g. the EMA target)."""
+
+    def load_extra_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None: ...
+
+    def validation_images(self) -> torch.Tensor:
+        """A grid's worth of images [N, 3, H, W] in [0, 1] from the current model, and its row count."""
+
+    def export(self, out_dir: Path) -> None:
+        """Write the final model(s) in a stock format."""
+
+
+def to_channels_last(*modules: torch.nn.Module | None) -> None:
+    """Store 4-D (conv) weights in channels-last layout: on CPU (oneDNN) a toy-UNet forward is ~1.25x
+    faster this way (benchmarks/RESULTS.md); results differ from NCHW only by float rounding."""
+    for m in modules:
+        if m is not None:
+            m.to(memory_format=torch.channels_last)
+
+
+def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
+    """The per-(seed, rank, micro-step) generator tasks draw noise, timesteps and dropout from."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + rank) * 1_000_000_007 + micro_step & 0x7FFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def _trackers(report_to: str) -> list[str] | None:
+    if report_to == "none":
+        return None
+    wanted = ["tensorboard", "wandb"] if report_to == "all" else [report_to]
+    found = []
+    for name in wanted:
+        try:
+            __import__("torch.utils.tensorboard" if name == "tensorboard" else name)
+            found.append(name)
+        except ImportError:
+            if report_to != "all":
+                raise ImportError(f"report_to={name!r} needs the {name} package: pip install {name} "
+                                  "(or set train.report_to=none)") from None
+    return found or None
+
+
+def _optimizer(params, cfg: LoopConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; the fused kernel when the device has one (one kernel over all tensors, also on CPU)."""
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+def _configure_attention(unet: torch.nn.Module, attention: str) -> None:
+    if attention == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise ImportError("attention=xformers needs the xformers package (pip install 'lcm_lab[xformers]', "
+                              "GPU only); the default 'sdpa' needs nothing") from None
+        unet.enable_xformers_memory_efficient_attention()
+    elif hasattr(unet, "set_default_attn_processor"):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+
+
+def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
+    """Run ``task`` for ``cfg.max_steps`` optimizer steps; returns the output folder.
+
+    Writes ``checkpoints/checkpoint-<step>`` every ``checkpointing_steps`` (and at the end),
+    ``validation/step-<step>.png`` grids, tracker logs under ``logs/``, and the task's export under
+    ``final/``. A non-finite loss stops the run with an error naming the step; the last checkpoint
+    stays intact.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+
+    out = Path(cfg.output_dir)
+    if accelerator is None:
+        trackers = _trackers(cfg.report_to)
+        accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            mixed_precision=cfg.mixed_precision,
+            log_with=trackers,
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != accelerator.num_processes:
+        raise RuntimeError(
+            f"launched as {world} processes but accelerate runs {accelerator.num_processes}: every process would "
+            "train alone and overwrite the others' checkpoints. Without GPUs set ACCELERATE_USE_CPU=1 and use "
+            "`accelerate launch --multi_gpu --num_processes N ...` (see configs/accelerate/multi_gpu.yaml).")
+    rank = accelerator.process_index
+    torch.manual_seed(cfg.seed)  # only model construction uses the global RNG; steps use step_generator
+
+    task.setup(accelerator, cfg.channels_last)
+    student = task.student
+    _configure_attention(student, cfg.attention)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the student has no trainable parameters")
+    for p in params:  # master weights stay fp32 whatever the mixed precision (REFERENCE.md §1)
+        p.data = p.data.float()
+    optimizer = _optimizer(params, cfg, accelerator.device)
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
+                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=cfg.max_steps * accelerator.num_processes)
+    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+
+    ckpt_root = out / "checkpoints"
+    start = 0
+    if cfg.resume_from_checkpoint:
+        try:
+            path = find_checkpoint(ckpt_root, cfg.resume_from_checkpoint)
+        except FileNotFoundError:
+            if cfg.resume_from_checkpoint != "latest":
+                raise
+            path = None
+        if path is not None:
+            start, extra = load_checkpoint(accelerator, path)
+            task.load_extra_state(extra)
+            accelerator.print(f"resumed from {path} at step {start}")
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if accelerator.trackers:
+            accelerator.init_trackers("lcm_lab", config={"max_steps": cfg.max_steps, "seed": cfg.seed})
+
+    accum = cfg.gradient_accumulation_steps
+    data = task.batches(rank, start * accum)
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train",
+               disable=not (cfg.progress and accelerator.is_local_main_process), dynamic_ncols=True)
+    logs: dict = {}
+    for step in bar:
+        student.train()
+        sums: dict[str, float] = {}
+        for micro in range(accum):
+            batch = next(data)
+            with accelerator.accumulate(student):
+                loss, step_logs = task.loss(student, batch, step_generator(cfg.seed, rank, step * accum + micro))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss ({loss.item()}) at step {step}; the last checkpoint in {ckpt_root} is intact. "
+                        "Lower train.learning_rate or check the data.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    sums["grad_norm"] = float(grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in step_logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / accum
+        sums.update(task.after_step(step + 1))
+        sums["lr"] = lr_scheduler.get_last_lr()[0]
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            logs = {k: v for k, v in sums.items()}
+            accelerator.log(logs, step=done)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "grad_norm")})
+        if done % cfg.checkpointing_steps == 0 or done == cfg.max_steps:
+            save_checkpoint(accelerator, ckpt_root, done, task.extra_state(), cfg.checkpoints_total_limit)
+        if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_steps):
+            _validate(accelerator, task, out, done)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        task.export(out / "final")
+    accelerator.end_training()
+    return out
+
+
+def _validate(accelerator, task: Task, out: Path, step: int) -> None:
+    """Save (and log) a grid of the current model's samples; main process only."""
+    if not accelerator.is_main_process:
+        return
+    from ..imaging import save_grid
+
+    images, nrow = task.validation_images()
+    save_grid(images, out / "validation" / f"step-{step:06d}.png", nrow=nrow, scale=2)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", images.clamp(0, 1), step)
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(img.permute(1, 2, 0).numpy()) for img in images]}, step=step)

@@ -1,0 +1,201 @@
+"""Training data layer: folder / tar-shard / toy datasets, collate, the step sampler and cached latents."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lcm_lab.toy.world import ToyWorld
+from lcm_lab.training.data import (
+    DataConfig, ImageCaptionFolder, LatentCache, StepBatchSampler, TarShards, ToyImages, build_dataset, collate,
+    encode_dataset, make_dataloader,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
+
+def as_pixels(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    return ToyWorld(0, "train").write_folder(tmp_path / "f", n=8)
+
+
+def test_folder_matches_toy_world(folder):
+    ds = build_dataset(DataConfig(type="folder", path=str(folder)))
+    assert isinstance(ds, ImageCaptionFolder) and len(ds) == 8
+    world = ToyWorld(0, "train")
+    for i in range(8):
+        item, sample = ds[i], world[i]
+        assert item["index"] == i and item["text"] == sample.caption
+        assert item["pixel_values"].shape == (3, 32, 32)
+        torch.testing.assert_close(item["pixel_values"], as_pixels(sample.image), rtol=0, atol=0)
+    assert ds[0]["pixel_values"].min() >= -1 and ds[0]["pixel_values"].max() <= 1
+
+
+def test_toy_images_equal_folder(folder):
+    toy, disk = build_dataset(DataConfig(num_images=4)), ImageCaptionFolder(folder)
+    assert isinstance(toy, ToyImages) and len(toy) == 4
+    for i in range(4):
+        assert toy[i]["text"] == disk[i]["text"]
+        assert torch.equal(toy[i]["pixel_values"], disk[i]["pixel_values"])
+    with pytest.raises(IndexError):
+        toy[4]
+
+
+def test_unreadable_items_are_skipped(folder):
+    (folder / "0000002.png").write_bytes(b"not a png at all")
+    data = (folder / "0000005.png").read_bytes()
+    (folder / "0000005.png").write_bytes(data[: len(data) // 2])  # truncated
+    (folder / "0000006.png").unlink()
+    ds = ImageCaptionFolder(folder)
+    assert [i for i in range(8) if ds[i] is None] == [2, 5, 6]
+    batch = collate([ds[i] for i in range(8)])
+    assert batch["skipped"] == 3 and batch["index"].tolist() == [0, 1, 3, 4, 7]
+    assert batch["pixel_values"].shape == (5, 3, 32, 32) and len(batch["text"]) == 5
+    empty = collate([None, None])
+    assert empty["skipped"] == 2 and empty["pixel_values"].shape[0] == 0 and empty["text"] == []
+
+
+def test_missing_caption_is_skipped(folder):
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    del rows[1]["text"]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = ImageCaptionFolder(folder)
+    assert ds[1] is None and ds[0] is not None
+
+
+def test_construction_errors(tmp_path, folder):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageCaptionFolder(tmp_path / "nowhere")
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl.*caption"):
+        ImageCaptionFolder(tmp_path / "bare")
+    (folder / "metadata.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="lists no images"):
+        ImageCaptionFolder(folder)
+    with pytest.raises(ValueError, match="unknown data type 'parquet'"):
+        DataConfig(type="parquet")
+    with pytest.raises(ValueError, match="needs a path"):
+        DataConfig(type="webdataset")
+    with pytest.raises(ValueError, match="no .tar shards"):
+        TarShards(str(tmp_path / "bare"))
+
+
+def test_tar_shards(tmp_path):
+    world = ToyWorld(1, "train")
+    samples = [world[i] for i in range(5)]
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "000.tar", "w") as tar:
+        for i in range(3):
+            add(tar, f"s{i:03d}.png", png_bytes(samples[i].image))
+            if i == 1:  # a .json caption with the "caption" key
+                add(tar, f"s{i:03d}.json", json.dumps({"caption": samples[i].caption, "w": 32}).encode())
+            else:
+                add(tar, f"s{i:03d}.txt", samples[i].caption.encode())
+    with tarfile.open(tmp_path / "shards" / "001.tar", "w") as tar:
+        for i in range(3, 5):  # captions before images: grouping does not depend on order
+            add(tar, f"d/s{i:03d}.txt", samples[i].caption.encode())
+            add(tar, f"d/s{i:03d}.png", png_bytes(samples[i].image))
+        add(tar, "d/orphan.txt", b"caption without an image")
+        add(tar, "d/nocap.png", png_bytes(samples[0].image))
+    for path in (tmp_path / "shards", str(tmp_path / "shards" / "*.tar")):
+        ds = build_dataset(DataConfig(type="webdataset", path=str(path)))
+        assert isinstance(ds, TarShards) and len(ds) == 6  # 5 samples + one without a caption
+        items = [ds[i] for i in range(len(ds))]
+        assert items[5] is None  # nocap.png
+        for sample, item in zip(samples, items):
+            assert item["text"] == sample.caption
+            assert torch.equal(item["pixel_values"], as_pixels(sample.image))
+    one = TarShards(str(tmp_path / "shards" / "001.tar"))
+    assert len(one) == 3 and one[0]["text"] == samples[3].caption
+    one.close()
+
+
+def test_resize_and_center_crop(tmp_path):
+    # 64 wide x 48 high: the shorter side goes to 32 (-> 43x32), then 5 columns are cropped on the left.
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[:, 32:] = 255
+    root = tmp_path / "r"
+    root.mkdir()
+    Image.fromarray(image).save(root / "a.png")
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "half"}) + "\n")
+    item = ImageCaptionFolder(root, resolution=32)[0]
+    assert item["pixel_values"].shape == (3, 32, 32)
+    row = item["pixel_values"][0, 16]
+    assert (row[:14] == -1).all() and (row[-14:] == 1).all()  # the edge sits at 21.3 - 5 = 16.3 px
+    flipped = ImageCaptionFolder(root, resolution=32, random_flip=True)
+    seen = {bool(flipped[0]["pixel_values"][0, 16, 0] > 0) for _ in range(20)}
+    assert seen == {False, True}
+
+
+def test_step_batch_sampler():
+    full = list(StepBatchSampler(100, 4, seed=7, num_steps=10))
+    assert len(full) == 10 and all(len(b) == 4 and all(0 <= i < 100 for i in b) for b in full)
+    assert full == list(StepBatchSampler(100, 4, seed=7, num_steps=10))
+    assert full[3] == np.random.default_rng([7, 0, 3]).integers(100, size=4).tolist()
+    assert list(StepBatchSampler(100, 4, seed=7, start_step=6, num_steps=10)) == full[6:]
+    assert full != list(StepBatchSampler(100, 4, seed=7, rank=1, num_steps=10))
+    assert full != list(StepBatchSampler(100, 4, seed=8, num_steps=10))
+    infinite = iter(StepBatchSampler(100, 4, seed=7, start_step=2))
+    assert [next(infinite) for _ in range(3)] == full[2:5]
+
+
+def test_make_dataloader_resumes(folder):
+    ds = ImageCaptionFolder(folder)
+    it = iter(make_dataloader(ds, batch_size=3, seed=1))
+    batches = [next(it) for _ in range(4)]
+    resumed = next(iter(make_dataloader(ds, batch_size=3, seed=1, start_step=2)))
+    assert resumed["index"].tolist() == batches[2]["index"].tolist() == StepBatchSampler(8, 3, 1).batch(2)
+    assert torch.equal(resumed["pixel_values"], batches[2]["pixel_values"])
+
+
+@pytest.fixture(scope="module")
+def vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=32,
+    ).eval()
+
+
+def test_encode_dataset_and_round_trip(folder, vae, tmp_path):
+    (folder / "0000003.png").write_bytes(b"garbage")
+    ds = ImageCaptionFolder(folder)
+    cache, skipped = encode_dataset(ds, vae, batch_size=3, progress=False)
+    assert skipped == 1 and len(cache) == 7 and cache.index.tolist() == [0, 1, 2, 4, 5, 6, 7]
+    assert cache.mean.shape == cache.std.shape == (7, 4, 16, 16)
+    kept = [ds[i] for i in cache.index.tolist()]
+    with torch.no_grad():
+        dist = vae.encode(torch.stack([x["pixel_values"] for x in kept])).latent_dist
+    torch.testing.assert_close(cache.mean, dist.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.std, dist.std, rtol=1e-5, atol=1e-5)
+    assert cache.text == [x["text"] for x in kept]
+
+    mean, std, texts = cache.batch([4, 0, 4])
+    assert torch.equal(mean[0], cache.mean[4]) and torch.equal(std[1], cache.std[0]) and texts[2] == cache.text[4]
+    loaded = LatentCache.load(cache.save(tmp_path / "c" / "latents.pt"))
+    assert not (tmp_path / "c" / "latents.pt.tmp").exists()
+    assert torch.equal(loaded.mean, cache.mean) and torch.equal(loaded.std, cache.std)
+    assert loaded.text == cache.text and torch.equal(loaded.index, cache.index)

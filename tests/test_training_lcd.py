@@ -1,0 +1,182 @@
+"""The LCD training loop on the embedded toy teacher: learning happens, resume is exact, bad input is handled."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lcm_lab.training import load_method_config
+from lcm_lab.training.config import ConfigError
+from lcm_lab.training.data import StepBatchSampler
+from lcm_lab.training.lcd import LCDTask
+from lcm_lab.training.trainer import train
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(out: Path, steps: int, **extra) -> list[str]:
+    base = {
+        "train.output_dir": str(out), "train.max_steps": steps, "train.batch_size": 4,
+        "train.learning_rate": 1e-3, "train.lr_warmup_steps": 0, "train.checkpointing_steps": 2,
+        "train.report_to": "none", "train.validation_steps": 0, "train.progress": False,
+        "data.num_images": 16, "data.cache_latents": True,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_lcd(out: Path, steps: int, config: str = "configs/toy/lcd.yaml", **extra) -> LCDTask:
+    cfg = load_method_config("lcd", REPO / config, tiny_overrides(out, steps, **extra))
+    task = LCDTask(cfg)
+    train(cfg.train, task)
+    return task
+
+
+def test_every_trainable_parameter_changes_and_export_loads(tmp_path):
+    from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
+
+    cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", tiny_overrides(tmp_path, 3))
+    task = LCDTask(cfg)
+    before = {n: p.detach().clone() for n, p in task.student.named_parameters() if p.requires_grad}
+    teacher_before = {n: p.detach().clone() for n, p in task.ldm.unet.named_parameters()}
+    train(cfg.train, task)
+    after = dict(task.student.named_parameters())
+    unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
+    assert not unchanged, f"{len(unchanged)} trainable parameters did not change, e.g. {unchanged[:3]}"
+    assert all(torch.equal(p, dict(task.ldm.unet.named_parameters())[n]) for n, p in teacher_before.items())
+    # the EMA target moved towards the student but is not the student
+    target = dict(task.ema.model.named_parameters())
+    name = "time_embedding.cond_proj.weight"
+    assert not torch.equal(target[name], after[name])
+    assert not torch.equal(target[name], before[name])
+
+    pipe_dir = tmp_path / "final" / "pipeline"
+    pipe = LatentConsistencyModelPipeline.from_pretrained(pipe_dir)
+    image = pipe("a small red solid circle on the left, dark background", num_inference_steps=2,
+                 guidance_scale=5.0, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+    exported = UNet2DConditionModel.from_pretrained(pipe_dir / "unet_target")  # the online UNet
+    assert torch.equal(dict(exported.named_parameters())[name], after[name].detach())
+
+
+def test_resume_continues_to_the_same_weights(tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    run_lcd(full, 4)
+    run_lcd(split, 2)
+    assert (split / "checkpoints" / "checkpoint-2" / "extra" / "target_ema.safetensors").is_file()
+    run_lcd(split, 4, **{"train.resume_from_checkpoint": "latest"})
+    for sub in ("unet", "unet_target"):
+        a = load_file(full / "final" / "pipeline" / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(split / "final" / "pipeline" / sub / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys()
+        diffs = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not diffs, f"{sub}: {len(diffs)} tensors differ after resume, e.g. {diffs[:3]}"
+
+
+def test_lora_only_adapters_train_and_export(tmp_path):
+    task = run_lcd(tmp_path, 2, config="configs/toy/lcd_lora.yaml", **{"model.lora_rank": 4, "model.lora_alpha": 4})
+    trainable = [n for n, p in task.student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    assert (tmp_path / "final" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_lora_ema_target_shares_frozen_weights(tmp_path):
+    task = run_lcd(tmp_path, 2, config="configs/toy/lcd_lora.yaml",
+                   **{"model.lora_rank": 4, "model.lora_alpha": 4, "model.lora_target_ema": True})
+    online, target = dict(task.student.named_parameters()), dict(task.ema.model.named_parameters())
+    frozen = [n for n, p in online.items() if not p.requires_grad]
+    assert frozen and all(target[n] is online[n] for n in frozen)
+    lora = [n for n, p in online.items() if p.requires_grad]
+    assert any(not torch.equal(target[n], online[n]) for n in lora)
+
+
+def test_checkpoint_limit_and_atomic_folders(tmp_path):
+    run_lcd(tmp_path, 6, **{"train.checkpoints_total_limit": 2})
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_unknown_and_bad_config_keys_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="max_steps"):
+        load_method_config("lcd", REPO / "configs/toy/lcd.yaml", ["train.max_step=3"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_method_config("lcd", None, ["objectiv.w_min=3"])
+    with pytest.raises(ConfigError, match="w_min"):
+        load_method_config("lcd", None, ["objective.w_min=9", "objective.w_max=3"])
+    with pytest.raises(ConfigError, match="must be int"):
+        load_method_config("lcd", None, ["train.max_steps=many"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_sise: 4\n")
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_method_config("lcd", bad)
+    cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", ["objective.w_min=2", "train.learning_rate=3e-4"])
+    assert cfg.objective.w_min == 2.0 and cfg.train.learning_rate == 3e-4
+
+
+def test_cli_rejects_unknown_key(capsys):
+    from lcm_lab.cli import main
+
+    assert main(["train", "lcd", "--config", str(REPO / "configs/toy/lcd.yaml"), "train.max_stepz=1"]) == 2
+    assert "max_steps" in capsys.readouterr().err
+    assert main(["train", "lcd", "--config", str(REPO / "configs/toy/lcd.yaml"), "--print-config"]) == 0
+    assert "w_embedding_dim: 256" in capsys.readouterr().out
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    from lcm_lab.toy.world import ToyWorld
+
+    folder = ToyWorld(0, "train").write_folder(tmp_path / "data", n=6)
+    files = sorted(folder.glob("*.png"))
+    files[1].write_bytes(b"not a png")
+    files[4].unlink()
+    task = run_lcd(tmp_path / "run", 2, **{"data.type": "folder", "data.path": str(folder),
+                                           "data.cache_latents": False})
+    drawn = [i for step in range(2) for i in StepBatchSampler(6, 4, 0, 0).batch(step)]
+    expected = sum(i in (1, 4) for i in drawn)
+    assert expected > 0  # the seed draws at least one bad file
+    assert task.skipped == expected
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoints(tmp_path, monkeypatch):
+    cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", tiny_overrides(tmp_path, 4))
+    task = LCDTask(cfg)
+    real_loss = task.loss
+    calls = {"n": 0}
+
+    def loss(student, batch, gen):
+        calls["n"] += 1
+        value, logs = real_loss(student, batch, gen)
+        return (value * float("nan"), logs) if calls["n"] == 3 else (value, logs)
+
+    monkeypatch.setattr(task, "loss", loss)
+    with pytest.raises(FloatingPointError, match="step 2"):
+        train(cfg.train, task)
+    ckpts = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+    assert ckpts == ["checkpoint-2"]
+    assert json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "lcm_lab_state.json").read_text())["step"] == 2
+
+
+def test_two_cpu_ranks_keep_identical_parameters(tmp_path):
+    # REFERENCE.md §7: `accelerate launch --cpu --num_processes 2` silently runs one process.
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+           str(REPO / "tests" / "helpers" / "ddp_lcd.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert r0.keys() == r1.keys() and len(r0) > 0
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), "ranks diverged"
+    info = json.loads((tmp_path / "ranks.json").read_text())
+    assert info["world_size"] == 2
+    assert info["batches_differ"], "both ranks drew the same data"
+    assert info["changed"], "training did not change the weights"
