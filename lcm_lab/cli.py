@@ -3,7 +3,7 @@
     lcm-lab sample --prompt TEXT [--model DIR] [--sampler ddim|lcm|tcd] [--steps N]
                    [--guidance W] [--seed S] [--image PNG --strength F] [--out PNG]
     lcm-lab demo --out DIR [--num-samples N] [section.key=value ...]
-    lcm-lab train lcd --config configs/toy/lcd.yaml [section.key=value ...]
+    lcm-lab train lcd|rg_lcd --config configs/toy/lcd.yaml [section.key=value ...]
     lcm-lab eval --model DIR --sampler ddim --steps 4,50 --out DIR
     lcm-lab bench quality|speed ...
 """
@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: every m
 from .eval.commands import add_bench_parser, add_eval_parser  # noqa: E402
 
 from .toy import TEACHER_GUIDANCE as TOY_GUIDANCE  # noqa: E402
+from .training import METHODS  # noqa: E402  (a dict of lazy loaders: imports nothing heavy)
 
 
 def _save_png(images, path: Path, nrow: int | None = None) -> Path:
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train with one method's config (also: accelerate launch scripts/train_<method>.py)")
-    t.add_argument("method", choices=["lcd"], help="training method")
+    t.add_argument("method", choices=sorted(METHODS), help="training method")
     t.add_argument("--config", default=None, help="YAML config (configs/<family>/<method>.yaml)")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=200")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -20,8 +20,12 @@
       image = pipe(prompt, num_inference_steps=4, guidance_scale=1.0).images[0]
 
   A LoRA student has no w-embedding; ``guidance_scale`` > 1 there means ordinary CFG on top.
+  For an SDXL UNet pass ``sdxl=True`` and use ``StableDiffusionXLPipeline`` the same way.
+- :func:`export_lcm_sdxl_pipeline`: a w-conditioned SDXL student as a stock ``StableDiffusionXLPipeline`` folder
+  with an ``LCMScheduler`` (the form of diffusers' LCM-SDXL; the SDXL pipeline embeds ``guidance_scale - 1``
+  when ``unet.config.time_cond_proj_dim`` is set).
 
-Both write into a temporary sibling folder ``<out>.partial-<pid>`` and move it into place only when it is
+All write into a temporary sibling folder ``<out>.partial-<pid>`` and move it into place only when it is
 complete; an existing ``out_dir`` is replaced only after the new folder is complete, so a crash never leaves
 a half-written model (at worst a stale ``<out>.partial-*``/``<out>.old-*`` after a hard kill).
 """
@@ -34,7 +38,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["export_lcm_pipeline", "export_lora"]
+__all__ = ["export_lcm_pipeline", "export_lcm_sdxl_pipeline", "export_lora"]
 
 
 def _write_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -71,6 +75,49 @@ def _write_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None])
     return out
 
 
+def _check_student_unets(unet, target_unet, pipeline_name: str, plain_pipeline_name: str) -> None:
+    """Reject wrapped / peft-carrying UNets and a main UNet without w-embedding."""
+    for name, module in (("unet", unet), ("target_unet", target_unet)):
+        if module is None:
+            continue
+        if not hasattr(module, "save_pretrained") or not hasattr(module, "config"):
+            raise TypeError(
+                f"`{name}` must be a diffusers UNet2DConditionModel (unwrap DDP/accelerate/torch.compile "
+                f"first), got {type(module).__name__}."
+            )
+        if getattr(module, "_hf_peft_config_loaded", False):
+            raise ValueError(
+                f"`{name}` carries peft adapters; export the adapter with export_lora, or fuse and unload it "
+                "(`unet.fuse_lora(); unet.unload_lora()`) first."
+            )
+    if getattr(unet.config, "time_cond_proj_dim", None) is None:
+        raise ValueError(
+            f"{pipeline_name} needs a w-conditioned UNet (config.time_cond_proj_dim set; see "
+            "lcm_lab.models.student.make_w_student). A student without w-embedding is used with a stock "
+            f"{plain_pipeline_name} and an LCMScheduler instead."
+        )
+
+
+def _lcm_scheduler(base: Path, original_inference_steps: int, timestep_scaling: float):
+    """``LCMScheduler.from_config(<base scheduler config>, original_inference_steps, timestep_scaling)``."""
+    from diffusers import LCMScheduler
+
+    if isinstance(original_inference_steps, bool) or not isinstance(original_inference_steps, int) \
+            or original_inference_steps < 1:
+        raise ValueError(f"`original_inference_steps` must be a positive integer, got {original_inference_steps!r}.")
+    if not timestep_scaling > 0:
+        raise ValueError(f"`timestep_scaling` must be > 0, got {timestep_scaling!r}.")
+    base_scheduler = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
+    num_train = int(base_scheduler.get("num_train_timesteps", 1000))
+    if original_inference_steps > num_train:
+        raise ValueError(
+            f"`original_inference_steps` ({original_inference_steps}) exceeds num_train_timesteps ({num_train})."
+        )
+    return LCMScheduler.from_config(
+        base_scheduler, original_inference_steps=original_inference_steps, timestep_scaling=float(timestep_scaling)
+    )
+
+
 def export_lcm_pipeline(
     out_dir: str | os.PathLike,
     base_dir: str | os.PathLike,
@@ -102,46 +149,14 @@ def export_lcm_pipeline(
     Returns:
         `Path`: the (absolute) output folder.
     """
-    from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler
+    from diffusers import AutoencoderKL, LatentConsistencyModelPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from ..models.sd import check_model_dir
 
     base = check_model_dir(base_dir)
-    for name, module in (("unet", unet), ("target_unet", target_unet)):
-        if module is None:
-            continue
-        if not hasattr(module, "save_pretrained") or not hasattr(module, "config"):
-            raise TypeError(
-                f"`{name}` must be a diffusers UNet2DConditionModel (unwrap DDP/accelerate/torch.compile "
-                f"first), got {type(module).__name__}."
-            )
-        if getattr(module, "_hf_peft_config_loaded", False):
-            raise ValueError(
-                f"`{name}` carries peft adapters; export the adapter with export_lora, or fuse and unload it "
-                "(`unet.fuse_lora(); unet.unload_lora()`) first."
-            )
-    if getattr(unet.config, "time_cond_proj_dim", None) is None:
-        raise ValueError(
-            "LatentConsistencyModelPipeline needs a w-conditioned UNet (config.time_cond_proj_dim set; see "
-            "lcm_lab.models.student.make_w_student). A student without w-embedding is used with a stock "
-            "StableDiffusionPipeline and an LCMScheduler instead."
-        )
-    if isinstance(original_inference_steps, bool) or not isinstance(original_inference_steps, int) \
-            or original_inference_steps < 1:
-        raise ValueError(f"`original_inference_steps` must be a positive integer, got {original_inference_steps!r}.")
-    if not timestep_scaling > 0:
-        raise ValueError(f"`timestep_scaling` must be > 0, got {timestep_scaling!r}.")
-
-    base_scheduler = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
-    num_train = int(base_scheduler.get("num_train_timesteps", 1000))
-    if original_inference_steps > num_train:
-        raise ValueError(
-            f"`original_inference_steps` ({original_inference_steps}) exceeds num_train_timesteps ({num_train})."
-        )
-    scheduler = LCMScheduler.from_config(
-        base_scheduler, original_inference_steps=original_inference_steps, timestep_scaling=float(timestep_scaling)
-    )
+    _check_student_unets(unet, target_unet, "LatentConsistencyModelPipeline", "StableDiffusionPipeline")
+    scheduler = _lcm_scheduler(base, original_inference_steps, timestep_scaling)
     pipe = LatentConsistencyModelPipeline(
         vae=AutoencoderKL.from_pretrained(base / "vae"),
         text_encoder=CLIPTextModel.from_pretrained(base / "text_encoder"),
@@ -161,7 +176,73 @@ def export_lcm_pipeline(
     return _write_atomically(out_dir, write)
 
 
-def export_lora(out_dir: str | os.PathLike, unet_with_lora, adapter_name: str = "default") -> Path:
+def export_lcm_sdxl_pipeline(
+    out_dir: str | os.PathLike,
+    base_dir: str | os.PathLike,
+    unet,
+    target_unet=None,
+    *,
+    original_inference_steps: int = 50,
+    timestep_scaling: float = 10.0,
+) -> Path:
+    """Save a w-conditioned SDXL student as a stock ``StableDiffusionXLPipeline`` folder with an ``LCMScheduler``.
+
+    This is how diffusers' LCM-SDXL is distributed: the SDXL pipeline embeds ``w = guidance_scale - 1`` into
+    ``timestep_cond`` whenever ``unet.config.time_cond_proj_dim`` is set (and then runs no CFG)::
+
+        from diffusers import StableDiffusionXLPipeline
+        pipe = StableDiffusionXLPipeline.from_pretrained(DIR)   # scheduler: LCMScheduler
+        image = pipe(prompt, num_inference_steps=4, guidance_scale=8.0).images[0]
+
+    The folder holds ``unet/`` (the student), ``vae/``, ``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``,
+    ``tokenizer_2/`` loaded from ``base_dir`` (the SDXL teacher's pipeline folder), and ``scheduler/`` =
+    ``LCMScheduler.from_config(<base scheduler config>, original_inference_steps=..., timestep_scaling=...)``
+    (same betas and prediction type as the teacher). The teacher's ``force_zeros_for_empty_prompt`` is kept.
+
+    Args:
+        out_dir: destination folder; replaced atomically if it exists (see the module docstring).
+        base_dir: the SDXL teacher's diffusers pipeline folder.
+        unet (`UNet2DConditionModel`): the student, with ``time_cond_proj_dim`` set; unwrapped, no LoRA
+            adapters. Saved as is (its dtype); not modified.
+        target_unet (`UNet2DConditionModel`, *optional*): the EMA target network, saved to ``unet_target/``.
+        original_inference_steps (`int`, defaults to 50): the distillation grid size N (LCMScheduler config).
+        timestep_scaling (`float`, defaults to 10.0): boundary-condition scaling (LCMScheduler config).
+
+    Returns:
+        `Path`: the (absolute) output folder.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    from ..models.sdxl import SDXL_PARTS, check_sdxl_dir, load_sdxl_text
+
+    base = check_sdxl_dir(base_dir, SDXL_PARTS)
+    _check_student_unets(unet, target_unet, "an LCM StableDiffusionXLPipeline",
+                         "StableDiffusionXLPipeline (as a LoRA, see export_lora(..., sdxl=True))")
+    scheduler = _lcm_scheduler(base, original_inference_steps, timestep_scaling)
+    index_file = base / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    text = load_sdxl_text(base)
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_pretrained(base / "vae"),
+        text_encoder=text.text_encoder,
+        text_encoder_2=text.text_encoder_2,
+        tokenizer=text.tokenizer,
+        tokenizer_2=text.tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        add_watermarker=False,
+    )
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if target_unet is not None:
+            target_unet.save_pretrained(tmp / "unet_target", safe_serialization=True)
+
+    return _write_atomically(out_dir, write)
+
+
+def export_lora(out_dir: str | os.PathLike, unet_with_lora, adapter_name: str = "default", sdxl: bool = False) -> Path:
     """Save an LCM-LoRA adapter as ``<out_dir>/pytorch_lora_weights.safetensors`` (diffusers LoRA format).
 
     ``StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet),
@@ -181,13 +262,17 @@ def export_lora(out_dir: str | os.PathLike, unet_with_lora, adapter_name: str = 
         unet_with_lora (`UNet2DConditionModel`): a UNet prepared by :func:`~lcm_lab.models.student.add_lora`
             (plain module, unwrapped). Not modified.
         adapter_name (`str`, defaults to ``"default"``): the peft adapter to export.
+        sdxl (`bool`, defaults to False): the UNet is an SDXL UNet; save with
+            ``StableDiffusionXLPipeline.save_lora_weights`` (load with ``StableDiffusionXLPipeline.load_lora_weights``).
 
     Returns:
         `Path`: the (absolute) output folder.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from ..models.student import lora_state_dict
+
+    pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
 
     state = lora_state_dict(unet_with_lora, adapter_name)
     layers = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
@@ -195,7 +280,7 @@ def export_lora(out_dir: str | os.PathLike, unet_with_lora, adapter_name: str = 
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
 
     def write(tmp: Path) -> None:
-        StableDiffusionPipeline.save_lora_weights(
+        pipeline_cls.save_lora_weights(
             tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
         )
 

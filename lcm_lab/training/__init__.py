@@ -1,4 +1,4 @@
-"""Training: one accelerate loop (:mod:`.trainer`) and per-method tasks (:mod:`.lcd`, ...).
+"""Training: one accelerate loop (:mod:`.trainer`) and per-method tasks (:mod:`.lcd`, :mod:`.rg_lcd`, ...).
 
 :func:`run` is what ``lcm-lab train METHOD`` and ``scripts/train_<method>.py`` call.
 """
@@ -18,7 +18,13 @@ def _lcd():
     return LCDRunConfig, train_lcd
 
 
-METHODS = {"lcd": _lcd}
+def _rg_lcd():
+    from .rg_lcd import RGLCDRunConfig, train_rg_lcd
+
+    return RGLCDRunConfig, train_rg_lcd
+
+
+METHODS = {"lcd": _lcd, "rg_lcd": _rg_lcd}
 
 
 def load_method_config(method: str, config: str | os.PathLike | None, overrides: Sequence[str] = ()):

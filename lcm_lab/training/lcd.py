@@ -5,11 +5,21 @@ Full LCD trains a w-conditioned copy of the teacher (``time_cond_proj_dim``) aga
 (decay 0.95). LoRA LCD trains peft adapters on the teacher UNet without w-embedding; its target is the
 online network under ``no_grad`` as in diffusers' LoRA script, or, with ``model.lora_target_ema``, an
 EMA of the adapters (the option diffusers issue #6505 asks for).
+
+SDXL teachers (a folder with ``text_encoder_2/``, :func:`~lcm_lab.models.sdxl.is_sdxl_dir`) are loaded with
+:func:`~lcm_lab.models.sdxl.load_sdxl`. Captions are encoded with both text encoders and the fixed
+micro-conditioning ``original_size = target_size = (R, R)``, ``crop_top_left = (0, 0)`` (R =
+``data.resolution``; the loaders resize and center-crop to R, so this is what the images are; diffusers'
+``--use_fix_crop_and_size``); the unconditional branch is zero text and pooled embeddings with the
+per-sample conditional ``time_ids`` (:func:`~lcm_lab.models.sdxl.sdxl_uncond`). A VAE whose config asks for
+``force_upcast`` (SDXL's own, which overflows in fp16) stays in float32 under mixed precision. Export is a
+stock ``StableDiffusionXLPipeline`` folder with an ``LCMScheduler`` (full) or an SDXL LoRA file.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +27,7 @@ import torch
 
 from ..core.latents import LatentCodec
 from ..models.sd import load_ldm, toy_teacher_dir
+from ..models.sdxl import is_sdxl_dir, load_sdxl, sdxl_uncond
 from ..objectives.lcd import Conditioning, LCDConfig, LCDLoss
 from .data import DataConfig, StepBatchSampler, build_dataset, collate, encode_dataset, make_dataloader
 from .ema import EMA
@@ -30,7 +41,7 @@ class ModelConfig:
     """Which teacher to distill and what the student is."""
 
     teacher: str | None = field(default=None, metadata={
-        "help": "Local diffusers pipeline folder of the teacher (SD 1.x/2.x); null = the embedded toy teacher."})
+        "help": "Local diffusers pipeline folder of the teacher (SD 1.x/2.x or SDXL); null = the toy teacher."})
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the full UNet."})
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank r."})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha."})
@@ -52,7 +63,7 @@ class ValidationConfig:
     """Validation grids: one row per step count, one column per prompt."""
 
     prompts: list[str] = field(default_factory=list, metadata={
-        "help": "Prompts; empty = 8 held-out toy prompts (toy teacher only)."})
+        "help": "Prompts; empty = 8 held-out toy prompts (SD; SDXL without prompts skips validation)."})
     steps: list[int] = field(default_factory=lambda: [1, 2, 4], metadata={"help": "LCM step counts, one row each."})
     guidance_scale: float = field(default=8.0, metadata={
         "help": "diffusers-convention scale; a w-conditioned student embeds w = scale - 1."})
@@ -84,9 +95,17 @@ class LCDTask:
 
         self.config = config
         self.teacher_dir = Path(config.model.teacher) if config.model.teacher else toy_teacher_dir()
-        self.ldm = load_ldm(self.teacher_dir)
+        self.sdxl = is_sdxl_dir(self.teacher_dir)
+        self.ldm = load_sdxl(self.teacher_dir) if self.sdxl else load_ldm(self.teacher_dir)
+        if self.sdxl and not config.validation.prompts and config.train.validation_steps:
+            warnings.warn("SDXL teacher without validation.prompts: validation grids are skipped "
+                          "(set validation.prompts to get them)", stacklevel=2)
+            config.train.validation_steps = 0
         teacher = self.ldm.unet
         mcfg = config.model
+        # Fresh weights (cond_proj, LoRA A) come from the global RNG: seed it here so a run's initial
+        # student depends on train.seed only, not on what ran before in the process.
+        torch.manual_seed(config.train.seed)
         if mcfg.lora:
             self.student = add_lora(copy.deepcopy(teacher).float().train(), rank=mcfg.lora_rank, alpha=mcfg.lora_alpha)
             w_dim = None  # LCM-LoRA distills guidance in; no w input (diffusers' LoRA script)
@@ -107,15 +126,21 @@ class LCDTask:
         self.accelerator = accelerator
         device = accelerator.device
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-        for net in (self.ldm.unet, self.ldm.vae, self.ldm.text_encoder):
+        text_encoders = self.ldm.text.text_encoders if self.sdxl else (self.ldm.text_encoder,)
+        for net in (self.ldm.unet, self.ldm.vae, *text_encoders):
             net.to(device, dtype=dtype)
+        if self.sdxl and getattr(self.ldm.vae.config, "force_upcast", False):
+            self.ldm.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16 (diffusers keeps it fp32 too)
         self.ldm.schedule = self.ldm.schedule.to(device)
         self.student.to(device)
         if self.ema is not None:
             self.ema.model.to(device)
         if channels_last:
             to_channels_last(self.ldm.unet, self.student, self.ema.model if self.ema is not None else None)
-        uncond = Conditioning(self.ldm.encode_prompts([""], allow_empty=True))
+        if self.sdxl:
+            uncond = sdxl_uncond(self._encode_sdxl([""]))  # zeros; time_ids come per sample from cond
+        else:
+            uncond = Conditioning(self.ldm.encode_prompts([""], allow_empty=True))
         self.objective = LCDLoss(self.config.objective, self.ldm.unet, self.ldm.schedule, uncond, self.w_dim)
         if self.config.data.cache_latents:
             self.cache, skipped = encode_dataset(self.dataset, self.ldm.vae, device=device,
@@ -150,7 +175,14 @@ class LCDTask:
         if p > 0:
             drop = torch.rand(len(texts), generator=generator) < p
             texts = ["" if d else t for t, d in zip(texts, drop.tolist())]
+        if self.sdxl:
+            return self._encode_sdxl(texts)
         return Conditioning(self.ldm.encode_prompts(texts, allow_empty=True, truncate=True))
+
+    def _encode_sdxl(self, texts: list[str]) -> Conditioning:
+        """SDXL conditioning with the true micro-conditioning of the R x R resized, center-cropped images."""
+        r = self.config.data.resolution
+        return self.ldm.text.encode(texts, original_size=(r, r), crop_top_left=(0, 0), target_size=(r, r))
 
     def target_net(self) -> torch.nn.Module:
         return self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.student)
@@ -161,7 +193,10 @@ class LCDTask:
         if len(texts) == 0:
             raise RuntimeError("a whole batch of images was unreadable; check the dataset")
         cond = self._encode_text(texts, generator)
-        loss, logs = self.objective(student, self.target_net(), latents, cond, generator)
+        # Teacher and target under autocast too (as the reference scripts): the EMA target is not wrapped by
+        # accelerate, and would otherwise get half-precision text embeddings with its float32 weights.
+        with self.accelerator.autocast():
+            loss, logs = self.objective(student, self.target_net(), latents, cond, generator)
         return loss, {"loss": logs["loss"], "skipped_images": self.skipped}
 
     def after_step(self, step: int) -> dict:
@@ -191,6 +226,8 @@ class LCDTask:
         from ..generation import generate
 
         vcfg = self.config.validation
+        if self.sdxl:
+            return self._sdxl_validation_images()
         prompts = list(vcfg.prompts) or eval_prompts(8)[0]
         view = copy.copy(self.ldm)
         view.unet = self.final_unet()
@@ -198,23 +235,44 @@ class LCDTask:
         view.unet.eval()
         seeds = [vcfg.seed + i for i in range(len(prompts))]
         guidance = 1.0 if self.config.model.lora else vcfg.guidance_scale
-        rows = [generate(view, prompts, seeds, sampler="lcm", steps=s, guidance_scale=guidance,
-                         original_inference_steps=self.config.objective.num_ddim_timesteps, progress=False)
-                for s in vcfg.steps]
+        with self.accelerator.autocast():  # half-precision text embeddings meet the float32 student/target
+            rows = [generate(view, prompts, seeds, sampler="lcm", steps=s, guidance_scale=guidance,
+                             original_inference_steps=self.config.objective.num_ddim_timesteps, progress=False)
+                    for s in vcfg.steps]
         view.unet.train(was_training)
         return torch.cat(rows).float().cpu(), len(prompts)
 
+    def _sdxl_validation_images(self) -> tuple[torch.Tensor, int]:
+        from ..models.sdxl import generate_sdxl_lcm
+
+        vcfg, ocfg = self.config.validation, self.config.objective
+        prompts = list(vcfg.prompts)
+        if not prompts:
+            raise ValueError("SDXL validation needs validation.prompts (there are no toy prompts for SDXL)")
+        unet = self.final_unet()  # no autocast here: SDXL's VAE must decode in float32
+        was_training = unet.training
+        unet.eval()
+        seeds = [vcfg.seed + i for i in range(len(prompts))]
+        guidance = 1.0 if self.config.model.lora else vcfg.guidance_scale
+        rows = [generate_sdxl_lcm(self.ldm, unet, prompts, seeds, steps=s, resolution=self.config.data.resolution,
+                                  guidance_scale=guidance, original_inference_steps=ocfg.num_ddim_timesteps,
+                                  timestep_scaling=ocfg.timestep_scaling)
+                for s in vcfg.steps]
+        unet.train(was_training)
+        return torch.cat(rows).float().cpu(), len(prompts)
+
     def export(self, out_dir: Path) -> None:
-        from ..pipelines.export import export_lcm_pipeline, export_lora
+        from ..pipelines.export import export_lcm_pipeline, export_lcm_sdxl_pipeline, export_lora
 
         ocfg = self.config.objective
         if self.config.model.lora:
-            export_lora(out_dir / "lora", self.final_unet())
+            export_lora(out_dir / "lora", self.final_unet(), sdxl=self.sdxl)
             return
         online = self.accelerator.unwrap_model(self.student)
         main, other = (self.ema.model, online) if self.config.model.export_unet == "target" else (online, self.ema.model)
-        export_lcm_pipeline(out_dir / "pipeline", self.teacher_dir, main, target_unet=other,
-                            original_inference_steps=ocfg.num_ddim_timesteps, timestep_scaling=ocfg.timestep_scaling)
+        exporter = export_lcm_sdxl_pipeline if self.sdxl else export_lcm_pipeline
+        exporter(out_dir / "pipeline", self.teacher_dir, main, target_unet=other,
+                 original_inference_steps=ocfg.num_ddim_timesteps, timestep_scaling=ocfg.timestep_scaling)
 
 
 def train_lcd(config: LCDRunConfig) -> Path:

@@ -1,0 +1,199 @@
+"""RG-LCD as a :class:`~lcm_lab.training.trainer.Task`: LCD plus reward guidance (REFERENCE.md §2).
+
+:class:`RGLCDTask` is :class:`~lcm_lab.training.lcd.LCDTask` (same teacher, student, EMA target, data,
+validation and export) with four differences:
+
+* ``setup`` also loads the expert reward (frozen, in the frozen nets' precision) and, in ``lrm`` mode,
+  moves the latent reward model (LRM) to the device and gives it its own AdamW (:class:`LRMTrainer`);
+* ``loss`` is :class:`~lcm_lab.objectives.rg_lcd.RGLCDLoss`: LCD minus ``beta`` times the reward of the
+  student's single-step prediction; in ``lrm`` mode it also keeps a random ``lrm_subset`` of the
+  micro-batch (prediction, LCD target, data latent, text) for the proxy update;
+* ``after_step`` (after the student's optimizer step, before the EMA update) trains the LRM once on that
+  subset (the last micro-batch of the step under gradient accumulation), as the reference code does;
+* ``extra_state`` adds the LRM weights and its AdamW moments to checkpoints (safetensors); ``export``
+  also writes ``final/lrm`` (:meth:`LatentRewardModel.save_pretrained`).
+
+The trainer optimises ``task.student``'s trainable parameters only: the expert and the LRM are separate
+modules, never in the student's optimizer; the expert never requires grad, and the LRM requires grad only
+inside :meth:`LRMTrainer.update`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..core.latents import LatentCodec
+from ..core.parameterization import guidance_scale_embedding
+from ..objectives.lcd import Conditioning
+from ..objectives.rg_lcd import RGLCDConfig, RGLCDLoss, build_expert
+from ..rewards.lrm import LatentRewardModel, LRMTrainer, pretrain_lrm
+from .lcd import LCDRunConfig, LCDTask
+from .trainer import LoopConfig, step_generator, train
+
+__all__ = ["RGLCDRunConfig", "RGLCDTask", "train_rg_lcd"]
+
+_LRM_SEED_OFFSET = 0x51D  # the LRM's initial weights: a function of train.seed, identical on every rank
+
+
+@dataclass
+class RGLCDRunConfig(LCDRunConfig):
+    """A complete RG-LCD run: ``lcm-lab train rg_lcd --config FILE [section.key=value ...]``."""
+
+    train: LoopConfig = field(default_factory=lambda: LoopConfig(output_dir="outputs/rg_lcd"))
+    reward: RGLCDConfig = field(default_factory=RGLCDConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.proportion_empty_prompts > 0:
+            raise ValueError("proportion_empty_prompts must be 0 for rg_lcd: the reward scores each prediction "
+                             "against the caption the student was conditioned on, and '' has no reward")
+
+
+class RGLCDTask(LCDTask):
+    """Models, data and loss of an RG-LCD run (see :class:`~lcm_lab.training.trainer.Task`)."""
+
+    def __init__(self, config: RGLCDRunConfig) -> None:
+        super().__init__(config)
+        rcfg = config.reward
+        self.expert = None  # built in setup, on the device
+        self.lrm: LatentRewardModel | None = None
+        self.lrm_trainer: LRMTrainer | None = None
+        self._pending: dict | None = None
+        self._lrm_started = False
+        if rcfg.mode == "lrm":
+            ucfg = self.ldm.unet.config
+            if rcfg.lrm_pretrained:
+                self.lrm = LatentRewardModel.from_pretrained(rcfg.lrm_pretrained)
+                if self.lrm.config["text_dim"] != ucfg.cross_attention_dim:
+                    raise ValueError(f"LRM {rcfg.lrm_pretrained} reads {self.lrm.config['text_dim']}-d text states "
+                                     f"but this teacher's are {ucfg.cross_attention_dim}-d")
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(config.train.seed + _LRM_SEED_OFFSET)
+                    self.lrm = LatentRewardModel.from_arch(
+                        rcfg.lrm_arch, text_dim=int(ucfg.cross_attention_dim), latent_channels=ucfg.in_channels,
+                        width=rcfg.lrm_width, depth=rcfg.lrm_depth, embed_dim=rcfg.lrm_embed_dim)
+            self.lrm.requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, accelerator, channels_last: bool = True) -> None:
+        super().setup(accelerator, channels_last)
+        rcfg = self.config.reward
+        device = accelerator.device
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        self.expert = build_expert(rcfg, device=device, dtype=dtype)
+        codec = LatentCodec(self.ldm.vae)
+        if self.lrm is not None:
+            self.lrm.to(device)
+            self.lrm_trainer = LRMTrainer(self.lrm, self.expert, codec, lr=rcfg.lrm_lr,
+                                          weight_decay=rcfg.lrm_weight_decay, logit_scale=rcfg.lrm_logit_scale,
+                                          decode_chunk_size=rcfg.decode_chunk_size)
+        self.rg_objective = RGLCDLoss(rcfg, self.objective, codec=codec, expert=self.expert, lrm=self.lrm)
+
+    # ------------------------------------------------------------------ one step
+    def loss(self, student, batch, generator):
+        if self.lrm is not None and not self._lrm_started:
+            self._start_lrm(student)
+        latents, texts, skipped = self._latents_and_text(batch, generator)
+        self.skipped += skipped
+        if len(texts) == 0:
+            raise RuntimeError("a whole batch of images was unreadable; check the dataset")
+        cond = self._encode_text(texts, generator)  # no prompt dropping in rg_lcd (see RGLCDRunConfig)
+        with self.accelerator.autocast():  # as LCDTask.loss: frozen nets in the mixed-precision dtype
+            loss, logs = self.rg_objective(student, self.target_net(), latents, cond, texts, generator)
+        if self.lrm is not None:
+            # Drawn after the LCD draws, so reward guidance leaves LCD's randomness untouched.
+            n = min(self.config.reward.lrm_subset, len(texts))
+            keep = torch.randperm(len(texts), generator=generator)[:n]
+            idx = keep.to(latents.device)
+            sub_cond = Conditioning(cond.encoder_hidden_states[idx],
+                                    None if cond.added_cond_kwargs is None
+                                    else {k: v[idx] for k, v in cond.added_cond_kwargs.items()})
+            self._pending = {
+                "pred": logs["pred"].detach()[idx], "target": logs["target"][idx], "gt": latents[idx],
+                "x_t": logs["x_t"][idx], "t": logs["t"][idx],
+                "w_emb": None if logs["w_emb"] is None else logs["w_emb"][idx],
+                "cond": sub_cond, "prompts": [texts[i] for i in keep.tolist()],
+            }
+        return loss, {"loss": logs["loss"], "lcd_loss": logs["lcd_loss"], "reward": logs["reward"],
+                      "skipped_images": self.skipped}
+
+    def after_step(self, step: int) -> dict:
+        logs = {}
+        if self._pending is not None:
+            p, self._pending = self._pending, None
+            if self.config.reward.lrm_target == "target_at_xt":
+                with torch.no_grad():
+                    second = self.objective.f(self.target_net(), p["x_t"], p["t"], p["cond"], p["w_emb"])
+            else:
+                second = p["target"]
+            logs.update(self.lrm_trainer.update([p["pred"], second, p["gt"]], p["cond"].encoder_hidden_states,
+                                                p["prompts"]))
+        logs.update(super().after_step(step))  # EMA target update
+        return logs
+
+    def _start_lrm(self, student) -> None:
+        """Before the first step of a run that did not resume: optional LRM warm start on data."""
+        self._lrm_started = True
+        steps = self.config.reward.lrm_pretrain_steps
+        if steps == 0:
+            return
+        pretrain_lrm(self.lrm_trainer, self._pretrain_batches(self.accelerator.unwrap_model(student)), steps)
+        self.accelerator.print(f"LRM pretrained for {steps} steps")
+
+    @torch.no_grad()
+    def _pretrain_batches(self, student):
+        """``[pred(t_a), pred(t_b), gt]`` per batch: the student's one-step predictions ``f(x_t, t)`` from two
+        independent noise levels of the data latents, and the data latents themselves."""
+        cfg = self.config
+        rank, n = self.accelerator.process_index, cfg.reward.lrm_subset
+        for i, batch in enumerate(self.batches(rank, 0)):
+            gen = step_generator(cfg.train.seed + 1, rank, i)
+            latents, texts, _ = self._latents_and_text(batch, gen)
+            latents, texts = latents[:n], texts[:n]
+            if not texts:
+                continue
+            cond = self._encode_text(texts, gen)
+            preds = []
+            for _ in range(2):
+                t, _, noise, w = self.objective.sample_inputs(latents, gen)
+                x_t = self.ldm.schedule.add_noise(latents, noise, t)
+                w_emb = None if self.w_dim is None else guidance_scale_embedding(w, self.w_dim).to(latents.device)
+                preds.append(self.objective.f(student, x_t, t, cond, w_emb))
+            yield [preds[0], preds[1], latents], cond.encoder_hidden_states, texts
+
+    # ------------------------------------------------------------------ checkpoints / export
+    def extra_state(self) -> dict:
+        state = super().extra_state()
+        if self.lrm is not None:
+            state["lrm"] = dict(self.lrm.state_dict())
+            moments = self.lrm_trainer.optimizer_tensors() if self.lrm_trainer is not None else {}
+            if moments:
+                state["lrm_optimizer"] = moments
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        if self.lrm is None:
+            return
+        if "lrm" not in state:
+            raise KeyError("checkpoint has no lrm state but this run uses reward.mode=lrm (was it a direct-mode "
+                           "run? start a new output_dir)")
+        self.lrm.load_state_dict(state["lrm"])
+        if "lrm_optimizer" in state:
+            self.lrm_trainer.load_optimizer_tensors(state["lrm_optimizer"])
+        self._lrm_started = True  # a resumed proxy is not pretrained again
+
+    def export(self, out_dir: Path) -> None:
+        super().export(out_dir)
+        if self.lrm is not None:
+            self.lrm.save_pretrained(out_dir / "lrm")
+
+
+def train_rg_lcd(config: RGLCDRunConfig) -> Path:
+    """Run RG-LCD with ``config``; returns the output folder (``final/pipeline`` or ``final/lora``, and
+    ``final/lrm`` in lrm mode)."""
+    return train(config.train, RGLCDTask(config))

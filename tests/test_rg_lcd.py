@@ -1,0 +1,305 @@
+"""RG-LCD: the pairwise KL of the latent reward model, the gradient paths of the two modes, frozen reward
+models under training, the LRM learning a non-differentiable expert, exact resume, and config errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lcm_lab.rewards.lrm import LatentRewardModel, LRMTrainer, pairwise_accuracy, pairwise_kl_loss
+from lcm_lab.training import load_method_config
+from lcm_lab.training.config import ConfigError
+from lcm_lab.training.rg_lcd import RGLCDTask
+from lcm_lab.training.trainer import step_generator, train
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_LRM = REPO / "configs/toy/rg_lcd.yaml"
+TOY_DIRECT = REPO / "configs/toy/rg_lcd_direct.yaml"
+
+
+def tiny_overrides(out: Path, steps: int, **extra) -> list[str]:
+    base = {
+        "train.output_dir": str(out), "train.max_steps": steps, "train.batch_size": 4,
+        "train.learning_rate": 1e-3, "train.lr_warmup_steps": 0, "train.checkpointing_steps": 2,
+        "train.report_to": "none", "train.validation_steps": 0, "train.progress": False,
+        "data.num_images": 16, "data.cache_latents": True,
+        "reward.lrm_lr": 1e-3, "reward.lrm_subset": 3, "reward.lrm_pretrain_steps": 0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def make_task(out: Path, config: Path, steps: int = 2, **extra) -> RGLCDTask:
+    return RGLCDTask(load_method_config("rg_lcd", config, tiny_overrides(out, steps, **extra)))
+
+
+# ----------------------------------------------------------------------------- (a) pairwise KL
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def test_pairwise_kl_loss_matches_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    n = 5
+    expert, lrm = torch.rand(3, n, generator=g), torch.rand(3, n, generator=g) * 2 - 1
+    for scale in (1.0, 7.0, 100.0):
+        total = 0.0
+        for b in range(n):
+            for i, j in ((0, 1), (0, 2), (1, 2)):
+                # two-way softmax of logits (a, b): log p_a = log sigmoid(a - b); KL(p || q) written out
+                e_i, e_j = scale * float(expert[i, b]), scale * float(expert[j, b])
+                l_i, l_j = scale * float(lrm[i, b]), scale * float(lrm[j, b])
+                lp_i, lp_j = log_sigmoid(e_i - e_j), log_sigmoid(e_j - e_i)
+                lq_i, lq_j = log_sigmoid(l_i - l_j), log_sigmoid(l_j - l_i)
+                total += math.exp(lp_i) * (lp_i - lq_i) + math.exp(lp_j) * (lp_j - lq_j)
+        expected = total / n
+        got = pairwise_kl_loss(expert.double(), lrm.double(), scale)
+        assert math.isclose(float(got), expected, rel_tol=1e-9, abs_tol=1e-12), (scale, float(got), expected)
+    # zero when the LRM's logits equal the expert's; gradients reach the LRM scores only
+    assert float(pairwise_kl_loss(expert, expert.clone(), 100.0)) == pytest.approx(0.0, abs=1e-6)
+    e, l = expert.clone().requires_grad_(True), lrm.clone().requires_grad_(True)
+    pairwise_kl_loss(e, l, 10.0).backward()
+    assert e.grad is None and l.grad is not None and l.grad.abs().sum() > 0
+    # accuracy: the same ordering everywhere is 1, the reversed one 0
+    assert pairwise_accuracy(expert, 2 * expert) == 1.0 and pairwise_accuracy(expert, -expert) == 0.0
+
+
+# ----------------------------------------------------------------------------- (b) gradient paths
+
+
+def _one_loss(task: RGLCDTask):
+    """setup + one micro-batch loss and backward, with the VAE opened to gradients and its decoder watched."""
+    from accelerate import Accelerator
+
+    task.setup(Accelerator(cpu=True), channels_last=False)
+    vae = task.ldm.vae
+    vae.requires_grad_(True)
+    calls = {"grad": 0, "no_grad": 0}
+    vae.decoder.register_forward_hook(
+        lambda *_: calls.__setitem__("grad" if torch.is_grad_enabled() else "no_grad",
+                                     calls["grad" if torch.is_grad_enabled() else "no_grad"] + 1))
+    batch = next(task.batches(0, 0))
+    loss, logs = task.loss(task.student, batch, step_generator(0, 0, 0))
+    loss.backward()
+    decoder_grads = [p.grad for p in vae.decoder.parameters()]
+    student_grad = dict(task.student.named_parameters())["time_embedding.cond_proj.weight"].grad
+    return calls, decoder_grads, student_grad, logs
+
+
+def test_lrm_mode_keeps_the_vae_decoder_out_of_the_student_gradient(tmp_path):
+    task = make_task(tmp_path, TOY_LRM)
+    calls, decoder_grads, student_grad, logs = _one_loss(task)
+    assert calls["grad"] == 0 and calls["no_grad"] == 0, calls  # the loss never decodes
+    assert all(g is None for g in decoder_grads)
+    assert student_grad is not None and student_grad.abs().sum() > 0
+    assert all(p.grad is None for p in task.lrm.parameters())  # the LRM is frozen in the student's step
+    assert set(logs) >= {"loss", "lcd_loss", "reward"}
+    assert float(logs["loss"]) == pytest.approx(float(logs["lcd_loss"]) - float(logs["reward"]), abs=1e-6)
+    # the proxy update decodes, without gradient, and leaves the VAE untouched
+    step_logs = task.after_step(1)
+    assert calls["grad"] == 0 and calls["no_grad"] >= 1
+    assert all(p.grad is None for p in task.ldm.vae.decoder.parameters())
+    assert {"lrm_loss", "lrm_pairwise_acc", "expert_reward"} <= set(step_logs)
+
+
+def test_direct_mode_differentiates_through_the_vae_decoder(tmp_path):
+    task = make_task(tmp_path, TOY_DIRECT)
+    calls, decoder_grads, student_grad, _ = _one_loss(task)
+    assert calls["grad"] >= 1
+    assert any(g is not None and g.abs().sum() > 0 for g in decoder_grads)
+    assert student_grad is not None and student_grad.abs().sum() > 0
+    assert all(p.grad is None for p in task.expert.parameters())  # expert frozen: no parameter gradients
+
+
+# ----------------------------------------------------------------------------- (c) frozen reward models
+
+
+@pytest.mark.parametrize("config", [TOY_LRM, TOY_DIRECT], ids=["lrm", "direct"])
+def test_reward_models_are_not_trained_by_the_student_optimizer(tmp_path, monkeypatch, config):
+    from lcm_lab.objectives.rg_lcd import build_expert
+
+    task = make_task(tmp_path, config, steps=2)
+    student_before = {n: p.detach().clone() for n, p in task.student.named_parameters() if p.requires_grad}
+    snapshots: list[tuple[str, dict]] = []
+
+    def lrm_weights():
+        return {n: p.detach().clone() for n, p in task.lrm.named_parameters()}
+
+    if task.lrm is not None:
+        snapshots.append(("init", lrm_weights()))
+        real_loss, real_update = task.loss, LRMTrainer.update
+
+        def loss(student, batch, gen):
+            snapshots.append(("loss", lrm_weights()))
+            return real_loss(student, batch, gen)
+
+        def update(self, *args, **kwargs):
+            snapshots.append(("before_update", lrm_weights()))
+            logs = real_update(self, *args, **kwargs)
+            snapshots.append(("after_update", lrm_weights()))
+            return logs
+
+        monkeypatch.setattr(task, "loss", loss)
+        monkeypatch.setattr(LRMTrainer, "update", update)
+    train(task.config.train, task)
+
+    student_ids = {id(p) for p in task.student.parameters()}
+    assert not any(id(p) in student_ids for p in task.expert.parameters())
+    assert all(not p.requires_grad for p in task.expert.parameters())
+    fresh = build_expert(task.config.reward).state_dict()
+    trained = task.expert.state_dict()
+    assert fresh.keys() == trained.keys()
+    assert all(torch.equal(fresh[k], trained[k].cpu()) for k in fresh), "the expert's weights changed"
+    after = dict(task.student.named_parameters())
+    assert all(not torch.equal(p, after[n].detach()) for n, p in student_before.items()), "the student did not learn"
+
+    if task.lrm is not None:
+        assert not any(id(p) in student_ids for p in task.lrm.parameters())
+        kinds = [k for k, _ in snapshots]
+        assert kinds == ["init", "loss", "before_update", "after_update", "loss", "before_update", "after_update"]
+        same = lambda a, b: all(torch.equal(a[n], b[n]) for n in a)  # noqa: E731
+        for (k0, w0), (k1, w1) in zip(snapshots, snapshots[1:]):
+            if k1 == "after_update":
+                assert not same(w0, w1), "the LRM update did not change the LRM"
+            else:  # the student's forward, backward and optimizer step leave the LRM as it was
+                assert same(w0, w1), f"the LRM changed between {k0} and {k1}"
+
+
+# ----------------------------------------------------------------------------- (d) LRM learns a non-differentiable expert
+
+
+def test_lrm_learns_jpeg_compressibility_rankings():
+    """The expert is only ever called for scores (JPEG size is not differentiable), yet the LRM comes to order
+    fixed latents like it. This checks fitting on fixed latents, not generalisation (that needs far more data:
+    about 0.7 held-out pairwise accuracy after 40 updates on 32 samples in a probe)."""
+    from diffusers import AutoencoderKL
+
+    from lcm_lab.core.latents import LatentCodec
+    from lcm_lab.models.sd import toy_teacher_dir
+    from lcm_lab.rewards import load_reward
+    from lcm_lab.training.data import ToyImages, collate
+
+    vae = AutoencoderKL.from_pretrained(toy_teacher_dir() / "vae").eval().requires_grad_(False)
+    codec = LatentCodec(vae)
+    expert = load_reward("jpeg-compressibility")
+    assert not expert.differentiable
+    n = 12
+    clean = codec.encode(collate([ToyImages(n)[i] for i in range(n)])["pixel_values"], no_grad=True)
+    g = torch.Generator().manual_seed(0)
+    # three sets, each sample with its own noise level: noisier latents decode to less compressible images
+    sets = [clean + torch.rand(n, 1, 1, 1, generator=g) * 1.5 * torch.randn(clean.shape, generator=g)
+            for _ in range(3)]
+    text = torch.zeros(n, 1, 8)  # one prompt for all: the ranking lives in the latents
+    torch.manual_seed(0)
+    lrm = LatentRewardModel.from_arch("tiny", text_dim=8, latent_channels=4, width=16, embed_dim=32)
+    trainer = LRMTrainer(lrm, expert, codec, lr=3e-3, logit_scale=100.0)
+    expert_scores = trainer.expert_scores(sets, [""] * n)
+    assert len(set(expert_scores.flatten().tolist())) > 3 * n // 2  # the expert does rank them
+
+    def accuracy():
+        with torch.no_grad():
+            return pairwise_accuracy(expert_scores, torch.stack([lrm(z, text) for z in sets]))
+
+    start = accuracy()
+    history = [trainer.update(sets, text, [""] * n) for _ in range(20)]
+    assert all(not p.requires_grad for p in lrm.parameters())  # frozen again after its updates
+    assert history[-1]["lrm_loss"] < history[0]["lrm_loss"]
+    assert accuracy() > 0.9 and accuracy() > start, (start, accuracy())
+    assert history[0]["lrm_pairwise_acc"] == pytest.approx(start)  # logged before the step
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_lrm_run_resumes_exactly_and_exports_the_lrm(tmp_path):
+    from safetensors.torch import load_file
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    for out, steps in ((full, 4), (split, 2)):
+        torch.manual_seed(0)  # the student's fresh cond_proj is drawn from the global RNG when the task is built
+        task = make_task(out, TOY_LRM, steps=steps)
+        train(task.config.train, task)
+    extra = split / "checkpoints" / "checkpoint-2" / "extra"
+    assert (extra / "lrm.safetensors").is_file() and (extra / "lrm_optimizer.safetensors").is_file()
+    task = make_task(split, TOY_LRM, steps=4, **{"train.resume_from_checkpoint": "latest"})
+    train(task.config.train, task)
+    for sub in ("lrm/model.safetensors", "pipeline/unet/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(full / "final" / sub), load_file(split / "final" / sub)
+        diffs = [k for k in a if not torch.equal(a[k], b[k])]
+        assert a.keys() == b.keys() and not diffs, f"{sub}: {len(diffs)} tensors differ after resume"
+    reloaded = LatentRewardModel.from_pretrained(full / "final" / "lrm")
+    trained = task.lrm.state_dict()
+    assert all(torch.equal(v, trained[k].cpu()) for k, v in reloaded.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- (e) config errors
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown reward 'hpsv3'.*known rewards:.*hpsv2"):
+        load_method_config("rg_lcd", TOY_LRM, ["reward.reward=hpsv3"])
+    with pytest.raises(ConfigError, match=r"unknown reward 'nope'"):
+        load_method_config("rg_lcd", None, ["reward.reward=1.0*hpsv2+0.1*nope"])
+    with pytest.raises(ConfigError, match="mode must be"):
+        load_method_config("rg_lcd", None, ["reward.mode=pixel"])
+    with pytest.raises(ConfigError, match="does not use"):
+        load_method_config("rg_lcd", None, ["reward.reward=hpsv2", "reward.reward_kwargs.pickscore.model_dir=/x"])
+    with pytest.raises(ConfigError, match="proportion_empty_prompts"):
+        load_method_config("rg_lcd", None, ["proportion_empty_prompts=0.1"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_method_config("rg_lcd", None, ["reward.lrm_subsett=4"])
+    # the shipped configs parse (data.path is the one required key they leave open)
+    cfg = load_method_config("rg_lcd", REPO / "configs/sd15/rg_lcd.yaml", ["data.path=/shards"])
+    assert cfg.reward.reward == "hpsv2" and cfg.reward.reward_scale == 1.0 and cfg.reward.lrm_lr == 3.3e-6
+    for name in ("sd21/rg_lcd.yaml", "sd21/rg_lcd_pickscore.yaml", "sd21/rg_lcd_clip.yaml",
+                 "sd21/rg_lcd_hps_imagereward.yaml", "sdxl/rg_lcd.yaml"):
+        load_method_config("rg_lcd", REPO / "configs" / name, ["data.path=/shards"])
+
+
+def test_direct_mode_rejects_a_non_differentiable_expert():
+    from lcm_lab.objectives.rg_lcd import RGLCDConfig, RGLCDLoss, build_expert
+
+    cfg = RGLCDConfig(reward="jpeg-compressibility", mode="direct")
+    with pytest.raises(ValueError, match="not differentiable.*mode=lrm"):
+        RGLCDLoss(cfg, lcd=None, codec=object(), expert=build_expert(cfg))
+
+
+def test_cli_lists_rg_lcd(capsys):
+    from lcm_lab.cli import main
+
+    assert main(["train", "rg_lcd", "--config", str(TOY_LRM), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "mode: lrm" in out and "lrm_logit_scale: 100.0" in out
+
+
+# ----------------------------------------------------------------------------- LRM shapes, pretraining
+
+
+def test_lrm_reads_toy_and_sd_latents():
+    torch.manual_seed(0)
+    for arch, text_dim, side, tokens in (("tiny", 64, 8, 32), ("small", 768, 64, 77)):
+        lrm = LatentRewardModel.from_arch(arch, text_dim=text_dim)
+        with torch.no_grad():
+            scores = lrm(torch.randn(2, 4, side, side), torch.randn(2, tokens, text_dim))
+        assert scores.shape == (2,) and bool(((scores >= -1) & (scores <= 1)).all())
+    assert sum(p.numel() for p in lrm.parameters()) < 5_000_000  # "small" stays small
+
+
+def test_lrm_pretraining_updates_the_proxy_before_distillation(tmp_path):
+    from accelerate import Accelerator
+
+    task = make_task(tmp_path, TOY_LRM, **{"reward.lrm_pretrain_steps": 2})
+    task.setup(Accelerator(cpu=True), channels_last=False)
+    before = {n: p.detach().clone() for n, p in task.lrm.named_parameters()}
+    student_before = {n: p.detach().clone() for n, p in task.student.named_parameters()}
+    task._start_lrm(task.student)
+    assert any(not torch.equal(p, before[n]) for n, p in task.lrm.named_parameters())
+    assert all(torch.equal(p, student_before[n]) for n, p in task.student.named_parameters())
+    assert task.lrm_trainer.optimizer.state  # two AdamW steps were taken
