@@ -65,7 +65,7 @@ def _copy_model(src: Path, dst: Path) -> Path:
 
 
 def run_demo(out_dir: Path, num_samples: int = 1000, overrides: Sequence[str] = (), num_prompts: int = 8,
-             guidance: float = TEACHER_GUIDANCE, progress: bool = True) -> dict:
+             guidance: float = TEACHER_GUIDANCE, reference_num: int = 1000, progress: bool = True) -> dict:
     """Distill, evaluate and report (see the module docstring). Returns the report dict.
 
     Args:
@@ -74,6 +74,8 @@ def run_demo(out_dir: Path, num_samples: int = 1000, overrides: Sequence[str] = 
         overrides: ``section.key=value`` changes to the toy LCD recipe (e.g. ``train.max_steps=200``).
         num_prompts: columns of the comparison grid.
         guidance: diffusers-convention guidance for the teacher and the (w-conditioned) LCM alike.
+        reference_num: real images in the FD reference (at least ``num_samples``).
+        progress: progress bars.
     """
     from .eval.evaluate import MetricSuite, evaluate
     from .eval.toy import eval_prompts
@@ -94,7 +96,7 @@ def run_demo(out_dir: Path, num_samples: int = 1000, overrides: Sequence[str] = 
     print(f"distilled in {train_seconds / 60:.1f} min -> {model_dir}")
 
     teacher, student = load_ldm(), load_ldm(model_dir)
-    suite = MetricSuite(None, toy=True, reference_num=max(num_samples, 1000))
+    suite = MetricSuite(None, toy=True, reference_num=max(num_samples, reference_num))
     settings = [("teacher-ddim-50", teacher, "ddim", 50), ("teacher-ddim-4", teacher, "ddim", 4),
                 ("lcm-1", student, "lcm", 1), ("lcm-2", student, "lcm", 2), ("lcm-4", student, "lcm", 4)]
     rows = {}

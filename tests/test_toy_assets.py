@@ -118,14 +118,23 @@ def test_cli_sample_writes_png_and_rejects_bad_input(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
 
 
-def test_demo_writes_grids_and_report(tmp_path):
+def test_demo_distills_evaluates_and_reports(tmp_path):
     from lcm_lab.demo import run_demo
 
-    report = run_demo(tmp_path / "demo", num_prompts=3)
+    tiny = ["train.max_steps=2", "train.batch_size=4", "train.checkpointing_steps=2", "train.validation_steps=0",
+            "train.report_to=none", "data.num_images=16"]
+    report = run_demo(tmp_path / "demo", num_samples=12, overrides=tiny, num_prompts=3, reference_num=12,
+                      progress=False)
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert saved["prompts"] == report["prompts"] and len(saved["prompts"]) == 3
-    assert "| teacher | ddim | 50 |" in (tmp_path / "demo" / "report.md").read_text()
+    assert [(r["sampler"], r["steps"]) for r in saved["rows"]] == [("ddim", 50), ("ddim", 4), ("lcm", 1),
+                                                                    ("lcm", 2), ("lcm", 4)]
+    assert all(r["num_samples"] == 12 and r["fd"] > 0 and 0 <= r["accuracy"] <= 1 for r in saved["rows"])
+    assert len(saved["checks"]) == 5 and all(isinstance(c["pass"], bool) for c in saved["checks"])
+    assert "| lcm | lcm | 4 |" in (tmp_path / "demo" / "report.md").read_text()
+    index = json.loads((tmp_path / "demo" / "model" / "model_index.json").read_text())
+    assert index["_class_name"] == "LatentConsistencyModelPipeline"
     from PIL import Image
 
     grid = np.asarray(Image.open(tmp_path / "demo" / "comparison.png"))
-    assert grid.shape[0] > 2 * 32 * 4 and grid.shape[1] > 3 * 32 * 4
+    assert grid.shape[0] > 5 * 32 * 4 and grid.shape[1] > 3 * 32 * 4

@@ -99,10 +99,18 @@ def test_lora_ema_target_shares_frozen_weights(tmp_path):
     assert any(not torch.equal(target[n], online[n]) for n in lora)
 
 
-def test_checkpoint_limit_and_atomic_folders(tmp_path):
-    run_lcd(tmp_path, 6, **{"train.checkpoints_total_limit": 2})
+def test_checkpoint_limit_and_tensorboard_logs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_lcd(tmp_path, 6, **{"train.checkpoints_total_limit": 2, "train.report_to": "tensorboard", "train.log_every": 2})
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["checkpoint-4", "checkpoint-6"]
+    events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    losses = acc.Scalars("loss")
+    assert [e.step for e in losses] == [2, 4, 6] and all(e.value > 0 for e in losses)
 
 
 def test_unknown_and_bad_config_keys_are_errors(tmp_path):

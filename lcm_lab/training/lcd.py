@@ -128,7 +128,8 @@ class LCDTask:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         text_encoders = self.ldm.text.text_encoders if self.sdxl else (self.ldm.text_encoder,)
         for net in (self.ldm.unet, self.ldm.vae, *text_encoders):
-            net.to(device, dtype=dtype)
+            # dtype only when it changes: diffusers warns on any .to(dtype=...) of a loaded model
+            net.to(device) if dtype == torch.float32 else net.to(device, dtype=dtype)
         if self.sdxl and getattr(self.ldm.vae.config, "force_upcast", False):
             self.ldm.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16 (diffusers keeps it fp32 too)
         self.ldm.schedule = self.ldm.schedule.to(device)

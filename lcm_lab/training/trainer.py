@@ -223,7 +223,7 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if accelerator.trackers:
+        if accelerator.log_with:  # the requested trackers; `accelerator.trackers` is empty until this call
             accelerator.init_trackers("lcm_lab", config={"max_steps": cfg.max_steps, "seed": cfg.seed})
 
     accum = cfg.gradient_accumulation_steps
