@@ -203,8 +203,10 @@ def _sync(device: torch.device) -> None:
 
 
 class _NoTimer:
+    """Phase marks that cost nothing (steps run untimed)."""
+
     def mark(self, name: str) -> None:
-        pass
+        return None
 
 
 class PhaseTimer:
@@ -558,8 +560,8 @@ def machine_info() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
+    except OSError:  # no /proc (not Linux): keep platform's name
+        cpu = platform.processor() or platform.machine()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -15,6 +15,8 @@ from lcm_lab.training.config import ConfigError
 from lcm_lab.training.rg_lcd import RGLCDTask
 from lcm_lab.training.trainer import step_generator, train
 
+from helpers.tiny_run import tiny_overrides as _tiny_overrides
+
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,16 +24,11 @@ TOY_LRM = REPO / "configs/toy/rg_lcd.yaml"
 TOY_DIRECT = REPO / "configs/toy/rg_lcd_direct.yaml"
 
 
+RG_TINY = {"reward.lrm_lr": 1e-3, "reward.lrm_subset": 3, "reward.lrm_pretrain_steps": 0}
+
+
 def tiny_overrides(out: Path, steps: int, **extra) -> list[str]:
-    base = {
-        "train.output_dir": str(out), "train.max_steps": steps, "train.batch_size": 4,
-        "train.learning_rate": 1e-3, "train.lr_warmup_steps": 0, "train.checkpointing_steps": 2,
-        "train.report_to": "none", "train.validation_steps": 0, "train.progress": False,
-        "data.num_images": 16, "data.cache_latents": True,
-        "reward.lrm_lr": 1e-3, "reward.lrm_subset": 3, "reward.lrm_pretrain_steps": 0,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return _tiny_overrides(out, steps, **{**RG_TINY, **extra})
 
 
 def make_task(out: Path, config: Path, steps: int = 2, **extra) -> RGLCDTask:

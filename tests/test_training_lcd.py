@@ -18,20 +18,11 @@ from lcm_lab.training.data import StepBatchSampler
 from lcm_lab.training.lcd import LCDTask
 from lcm_lab.training.trainer import train
 
+from helpers.tiny_run import tiny_overrides
+
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_overrides(out: Path, steps: int, **extra) -> list[str]:
-    base = {
-        "train.output_dir": str(out), "train.max_steps": steps, "train.batch_size": 4,
-        "train.learning_rate": 1e-3, "train.lr_warmup_steps": 0, "train.checkpointing_steps": 2,
-        "train.report_to": "none", "train.validation_steps": 0, "train.progress": False,
-        "data.num_images": 16, "data.cache_latents": True,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 def run_lcd(out: Path, steps: int, config: str = "configs/toy/lcd.yaml", **extra) -> LCDTask:

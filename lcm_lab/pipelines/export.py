@@ -118,6 +118,17 @@ def _lcm_scheduler(base: Path, original_inference_steps: int, timestep_scaling: 
     )
 
 
+def _save_pipeline(out_dir, pipe, target_unet) -> Path:
+    """Save ``pipe`` (and ``target_unet`` to ``unet_target/``) atomically into ``out_dir``."""
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if target_unet is not None:
+            target_unet.save_pretrained(tmp / "unet_target", safe_serialization=True)
+
+    return _write_atomically(out_dir, write)
+
+
 def export_lcm_pipeline(
     out_dir: str | os.PathLike,
     base_dir: str | os.PathLike,
@@ -168,12 +179,7 @@ def export_lcm_pipeline(
         requires_safety_checker=False,
     )
 
-    def write(tmp: Path) -> None:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if target_unet is not None:
-            target_unet.save_pretrained(tmp / "unet_target", safe_serialization=True)
-
-    return _write_atomically(out_dir, write)
+    return _save_pipeline(out_dir, pipe, target_unet)
 
 
 def export_lcm_sdxl_pipeline(
@@ -234,12 +240,7 @@ def export_lcm_sdxl_pipeline(
         add_watermarker=False,
     )
 
-    def write(tmp: Path) -> None:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if target_unet is not None:
-            target_unet.save_pretrained(tmp / "unet_target", safe_serialization=True)
-
-    return _write_atomically(out_dir, write)
+    return _save_pipeline(out_dir, pipe, target_unet)
 
 
 def export_lora(out_dir: str | os.PathLike, unet_with_lora, adapter_name: str = "default", sdxl: bool = False) -> Path:

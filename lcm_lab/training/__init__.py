@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["METHODS", "load_method_config", "run"]
+__all__ = ["METHODS", "load_method_config", "run", "script_main"]
 
 
 def _lcd():
@@ -42,3 +42,14 @@ def run(method: str, config: str | os.PathLike | None, overrides: Sequence[str] 
     cfg = load_method_config(method, config, overrides)
     _, train_fn = METHODS[method]()
     return train_fn(cfg)
+
+
+def script_main(method: str, doc: str | None = None) -> None:
+    """``scripts/train_<method>.py``: ``--config FILE`` plus ``section.key=value`` overrides."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args()
+    print(f"done: {run(method, args.config, args.overrides)}")

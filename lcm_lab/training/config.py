@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import yaml
 __all__ = ["ConfigError", "load_config", "config_from_dict", "config_to_dict", "apply_overrides", "help_text"]
 
 C = TypeVar("C")
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -112,13 +114,9 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is not a section")
-        # YAML reads "1e-4" as a string (YAML 1.1); accept the usual float spellings too.
         value = yaml.safe_load(raw) if raw.strip() else ""
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value for c in ".eE") and not value.isalpha() else value
-            except ValueError:
-                pass
+        if isinstance(value, str) and _FLOAT.fullmatch(value):
+            value = float(value)  # YAML 1.1 reads "1e-4" as a string
         node[parts[-1]] = value
     return data
 

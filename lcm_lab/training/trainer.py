@@ -49,7 +49,7 @@ class LoopConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute student activations."})
     attention: str = field(default="sdpa", metadata={"help": "'sdpa' (PyTorch) or 'xformers' (GPU, optional)."})
     channels_last: bool = field(default=True, metadata={
-        "help": "Store UNet conv weights channels-last (faster convolutions on CPU and tensor cores)."})
+        "help": "Store UNet conv weights channels-last (faster LCD forwards on CPU; see benchmarks/RESULTS.md)."})
     checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={
@@ -106,8 +106,9 @@ class Task(Protocol):
 
 
 def to_channels_last(*modules: torch.nn.Module | None) -> None:
-    """Store 4-D (conv) weights in channels-last layout: on CPU (oneDNN) a toy-UNet forward is ~1.25x
-    faster this way (benchmarks/RESULTS.md); results differ from NCHW only by float rounding."""
+    """Store 4-D (conv) weights in channels-last layout. On CPU (oneDNN) it sped up the forward passes
+    of an LCD step and, at toy size, the backward too, but slowed the SD1.5-size backward by ~8%
+    (benchmarks/RESULTS.md, "LCD training step"); results differ from NCHW only by float rounding."""
     for m in modules:
         if m is not None:
             m.to(memory_format=torch.channels_last)
