@@ -65,7 +65,12 @@ class RGLCDConfig:
         "help": "Second latent set of the LRM update: 'lcd_target' = f_ema(x_s, s), the LCD target already "
                 "computed (reference code); 'target_at_xt' = f_ema(x_t, t), one more no-grad forward."})
     lrm_pretrain_steps: int = field(default=0, metadata={
-        "help": "LRM updates on data before distillation (gt latents vs one-step predictions); 0 = none."})
+        "help": "LRM pre-training steps on data before distillation (the expert scores every data latent of a "
+                "batch against every caption; the LRM learns that matrix); 0 = none."})
+    lrm_pretrain_batch_size: int = field(default=32, metadata={
+        "help": "Data latents (and captions) per pre-training step; non-CLIP experts score batch^2 pairs."})
+    lrm_pretrain_lr: float | None = field(default=None, metadata={
+        "help": "AdamW learning rate of the pre-training steps; null = lrm_lr."})
     lrm_pretrained: str | None = field(default=None, metadata={
         "help": "Folder of a saved LRM (final/lrm of an earlier run) to start from."})
     decode_chunk_size: int = field(default=16, metadata={"help": "Latents per VAE decode call."})
@@ -90,7 +95,7 @@ class RGLCDConfig:
             raise ValueError(f"lrm_arch must be one of {sorted(LRM_ARCHS)}, got {self.lrm_arch!r}")
         if self.lrm_target not in LRM_TARGETS:
             raise ValueError(f"lrm_target must be one of {LRM_TARGETS}, got {self.lrm_target!r}")
-        for name in ("lrm_subset", "decode_chunk_size"):
+        for name in ("lrm_subset", "decode_chunk_size", "lrm_pretrain_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lrm_width", "lrm_depth", "lrm_embed_dim"):
@@ -99,8 +104,8 @@ class RGLCDConfig:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.lrm_pretrain_steps < 0:
             raise ValueError(f"lrm_pretrain_steps must be >= 0, got {self.lrm_pretrain_steps}")
-        if self.lrm_lr <= 0 or self.lrm_logit_scale <= 0:
-            raise ValueError("lrm_lr and lrm_logit_scale must be > 0")
+        if self.lrm_lr <= 0 or self.lrm_logit_scale <= 0 or (self.lrm_pretrain_lr is not None and self.lrm_pretrain_lr <= 0):
+            raise ValueError("lrm_lr, lrm_pretrain_lr and lrm_logit_scale must be > 0")
 
 
 def build_expert(config: RGLCDConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

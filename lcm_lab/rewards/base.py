@@ -203,6 +203,12 @@ class RewardModel(torch.nn.Module):
             raise ValueError(f"{self.name}: prompts must be strings")
         return prompts
 
+    def check_prompt_list(self, prompts: Sequence[str]) -> list[str]:
+        """``prompts`` as a non-empty list of strings (for :meth:`score_matrix`)."""
+        if isinstance(prompts, str) or not len(prompts) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{self.name}: prompts must be a non-empty list of strings")
+        return list(prompts)
+
     def forward(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
         """Score a batch.
 
@@ -220,6 +226,21 @@ class RewardModel(torch.nn.Module):
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def score_matrix(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Every image against every prompt: ``(n_images, n_prompts)`` float32 with
+        ``[i, j] = reward(images[i], prompts[j])``.
+
+        The default scores all ``n_images * n_prompts`` pairs with :meth:`forward` (prompt-free
+        rewards score each image once); embedding models override it with one product of
+        image and text features.
+        """
+        self.check_inputs(images, None if not self.uses_prompts else ["" for _ in range(images.shape[0])])
+        prompts = self.check_prompt_list(prompts)
+        n, m = images.shape[0], len(prompts)
+        if not self.uses_prompts:
+            return self(images).unsqueeze(1).expand(n, m)
+        return self(images.repeat_interleave(m, dim=0), prompts * n).view(n, m)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, differentiable={self.differentiable}, input_size={self.input_size}"
@@ -337,6 +358,10 @@ class WeightedReward(RewardModel):
         weights = torch.tensor(self.weights, dtype=parts.dtype, device=parts.device)
         total = parts @ weights
         return (total, parts) if return_components else total
+
+    def score_matrix(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Weighted sum of the parts' :meth:`RewardModel.score_matrix`."""
+        return sum(w * m.score_matrix(images, prompts) for m, w in zip(self.models, self.weights))
 
 
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"

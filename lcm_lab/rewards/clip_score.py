@@ -226,6 +226,19 @@ class OpenCLIPReward(RewardModel):
         """Cosine similarity ``(B,)`` of each image with its own prompt."""
         return (self.image_features(images) * self.text_features(prompts)).sum(-1)
 
+    def from_cosine(self, cos: torch.Tensor) -> torch.Tensor:
+        """The score as a function of the image-prompt cosine (here the cosine itself, as HPSv2)."""
+        return cos
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.from_cosine(self.cosine(images, prompts))
+
+    def score_matrix(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """``(n_images, n_prompts)`` scores from one product of the normalised embeddings."""
+        self.check_inputs(images, ["" for _ in range(images.shape[0])])
+        prompts = self.check_prompt_list(prompts)
+        return self.from_cosine(self.image_features(images) @ self.text_features(prompts).T).to(images.device)
+
 
 @register("clip")
 class CLIPScoreReward(OpenCLIPReward):
@@ -262,6 +275,6 @@ class CLIPScoreReward(OpenCLIPReward):
         self.clip_at_zero = bool(clip_at_zero)
         self.checkpoint = path
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        scores = 100.0 * self.cosine(images, prompts)
+    def from_cosine(self, cos: torch.Tensor) -> torch.Tensor:
+        scores = 100.0 * cos
         return scores.clamp(min=0) if self.clip_at_zero else scores

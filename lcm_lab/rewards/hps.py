@@ -70,5 +70,3 @@ class HPSv2Reward(OpenCLIPReward):
         self.version = version
         self.checkpoint = path
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self.cosine(images, prompts)

@@ -23,7 +23,8 @@ The pieces:
   samples (``s`` = ``logit_scale`` ~ 100).
 * :class:`LRMTrainer`: one proxy update per LCM optimizer step: decode the three sets without
   gradient, score them with the expert, one AdamW step (lr 3.3e-6 in the paper) on the KL loss.
-* :func:`pretrain_lrm`: optional warm start on data before distillation.
+* :func:`listwise_kl_loss` and :func:`pretrain_lrm`: optional warm start on data before distillation: the
+  expert scores every data latent of a batch against every caption and the LRM learns that matrix.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LRM_ARCHS", "LatentRewardModel", "pairwise_kl_loss", "pairwise_accuracy", "LRMTrainer", "pretrain_lrm"]
+__all__ = ["LRM_ARCHS", "LatentRewardModel", "pairwise_kl_loss", "listwise_kl_loss", "pairwise_accuracy", "LRMTrainer",
+           "pretrain_lrm"]
 
 LRM_ARCHS: dict[str, dict[str, int]] = {
     "tiny": {"width": 32, "depth": 2, "embed_dim": 128},
@@ -208,6 +210,28 @@ def pairwise_kl_loss(expert_scores: torch.Tensor, lrm_scores: torch.Tensor, logi
     return kl.sum(0).mean()
 
 
+def listwise_kl_loss(expert_matrix: torch.Tensor, lrm_matrix: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
+    """The LRM's pre-training loss on ``n`` data latents and their ``n`` prompts: :func:`pairwise_kl_loss`
+    widened from two latents to all of them, both ways as CLIP's loss.
+
+    ``mean_j KL(softmax_i(s E[:, j]) || softmax_i(s L[:, j])) + mean_i KL(softmax_j(s E[i, :]) || softmax_j(s L[i, :]))``
+    where ``E[i, j]`` / ``L[i, j]`` are the expert's / LRM's scores of latent ``i`` against prompt ``j``
+    (``[n, n]``; the expert's are constants). The first term ranks every latent under each prompt (what the
+    student's reward gradient uses), the second every prompt for each latent (what teaches the text side).
+    """
+    if expert_matrix.shape != lrm_matrix.shape or expert_matrix.ndim != 2:
+        raise ValueError(f"expected two [n_latents, n_prompts] matrices, got {tuple(expert_matrix.shape)} "
+                         f"and {tuple(lrm_matrix.shape)}")
+    dtype = torch.promote_types(lrm_matrix.dtype, torch.float32)
+    expert = logit_scale * expert_matrix.detach().to(dtype)
+    lrm = logit_scale * lrm_matrix.to(dtype)
+    loss = lrm.new_zeros(())
+    for dim in (0, 1):
+        log_p, log_q = expert.log_softmax(dim), lrm.log_softmax(dim)
+        loss = loss + (log_p.exp() * (log_p - log_q)).sum(dim).mean()
+    return loss
+
+
 @torch.no_grad()
 def pairwise_accuracy(expert_scores: torch.Tensor, lrm_scores: torch.Tensor) -> float:
     """Fraction of pairs ``(i < j)`` of each sample the LRM orders like the expert (ties of the expert skipped;
@@ -278,10 +302,39 @@ class LRMTrainer:
         expert = self.expert_scores(latent_sets, prompts)
         latents = torch.cat([z.detach().float() for z in latent_sets])
         states = text_states.detach().float().repeat(k, *([1] * (text_states.ndim - 1)))
+        scores, loss = self._step(lambda: self.model(latents, states).view(k, n),
+                                  lambda lrm: pairwise_kl_loss(expert, lrm, self.logit_scale))
+        return {"lrm_loss": float(loss), "lrm_pairwise_acc": pairwise_accuracy(expert, scores),
+                "expert_reward": float(expert[0].mean())}
+
+    def pretrain_update(self, latents: torch.Tensor, text_states: torch.Tensor, prompts: Sequence[str]) -> dict:
+        """One AdamW step of :func:`listwise_kl_loss` on ``n`` data latents ``[n, C, h, w]`` and their prompts.
+
+        The expert scores every decoded latent against every prompt (:meth:`RewardModel.score_matrix`: one
+        embedding product for CLIP-like rewards, ``n * n`` evaluations otherwise). Returns ``lrm_pretrain_loss``
+        and ``lrm_pretrain_acc`` (agreement with the expert on the order of every two latents under each prompt),
+        both before the step.
+        """
+        if len(prompts) != latents.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {latents.shape[0]} latents")
+        with torch.no_grad():
+            images = self.codec.to_unit(self.codec.decode(latents, chunk_size=self.decode_chunk_size,
+                                                          no_grad=True).float())
+            expert = self.expert.score_matrix(images, list(prompts)).float()
+        latents, states = latents.detach().float(), text_states.detach().float()
+
+        def lrm_matrix():
+            return self.model.encode_latents(latents) @ self.model.encode_text(states).T
+
+        scores, loss = self._step(lrm_matrix, lambda lrm: listwise_kl_loss(expert, lrm, self.logit_scale))
+        return {"lrm_pretrain_loss": float(loss), "lrm_pretrain_acc": pairwise_accuracy(expert, scores)}
+
+    def _step(self, scores_fn, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
+        """One AdamW step of ``loss_fn(scores_fn())`` with the LRM trainable; returns (scores, loss), detached."""
         self.model.requires_grad_(True).train()
         try:
-            scores = self.model(latents, states).view(k, n)
-            loss = pairwise_kl_loss(expert, scores, self.logit_scale)
+            scores = scores_fn()
+            loss = loss_fn(scores)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._average_gradients()
@@ -289,8 +342,7 @@ class LRMTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         finally:
             self.model.requires_grad_(False).eval()
-        return {"lrm_loss": float(loss.detach()), "lrm_pairwise_acc": pairwise_accuracy(expert, scores.detach()),
-                "expert_reward": float(expert[0].mean())}
+        return scores.detach(), loss.detach()
 
     def _average_gradients(self) -> None:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -325,16 +377,30 @@ class LRMTrainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
 
 
-def pretrain_lrm(trainer: LRMTrainer, batches: Iterable[tuple[Sequence[torch.Tensor], torch.Tensor, Sequence[str]]],
-                 steps: int) -> list[dict]:
-    """Warm-start the LRM with ``steps`` calls of :meth:`LRMTrainer.update` on ``batches``.
+def pretrain_lrm(trainer: LRMTrainer, batches: Iterable[tuple[torch.Tensor, torch.Tensor, Sequence[str]]],
+                 steps: int, lr: float | None = None, progress: bool = False) -> list[dict]:
+    """Warm-start the LRM with ``steps`` calls of :meth:`LRMTrainer.pretrain_update` on data.
 
-    ``batches`` yields ``(latent_sets, text_states, prompts)``; the RG-LCD task builds the sets from
-    data: the ground-truth latents and the (not yet distilled) student's one-step predictions from two
-    noise levels of them, so the proxy starts out knowing how clean data compares with blurry
-    one-step predictions before distillation begins. Returns every step's logs.
+    ``batches`` yields ``(latents, text_states, prompts)`` of data latents and their captions. This is the
+    toolkit's counterpart of RG-LCD's pre-trained latent CLIP: before distillation the proxy learns from the
+    expert how latents and prompts match (a proxy trained only online on (prediction, target, data) triplets
+    from scratch stays near chance, as RESULTS.md shows for the toy world). ``lr`` (default: the trainer's)
+    holds for these steps only. Returns every step's logs.
     """
+    from tqdm.auto import tqdm
+
+    groups = trainer.optimizer.param_groups
+    online_lr = [g["lr"] for g in groups]
+    for g in groups:
+        g["lr"] = g["lr"] if lr is None else float(lr)
     logs = []
-    for _, (latent_sets, text_states, prompts) in zip(range(steps), batches):
-        logs.append(trainer.update(latent_sets, text_states, prompts))
+    try:
+        with tqdm(total=steps, desc="LRM pre-training", disable=not progress) as bar:
+            for _, (latents, text_states, prompts) in zip(range(steps), batches):
+                logs.append(trainer.pretrain_update(latents, text_states, prompts))
+                bar.set_postfix(loss=f"{logs[-1]['lrm_pretrain_loss']:.3f}", acc=f"{logs[-1]['lrm_pretrain_acc']:.3f}")
+                bar.update()
+    finally:
+        for g, value in zip(groups, online_lr):
+            g["lr"] = value
     return logs

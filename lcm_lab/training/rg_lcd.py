@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from ..core.latents import LatentCodec
-from ..core.parameterization import guidance_scale_embedding
 from ..objectives.lcd import Conditioning
 from ..objectives.rg_lcd import RGLCDConfig, RGLCDLoss, build_expert
 from ..rewards.lrm import LatentRewardModel, LRMTrainer, pretrain_lrm
@@ -136,34 +135,31 @@ class RGLCDTask(LCDTask):
         return logs
 
     def _start_lrm(self, student) -> None:
-        """Before the first step of a run that did not resume: optional LRM warm start on data."""
+        """Before the first step of a run that did not resume: optional LRM pre-training on data."""
         self._lrm_started = True
-        steps = self.config.reward.lrm_pretrain_steps
-        if steps == 0:
+        rcfg = self.config.reward
+        if rcfg.lrm_pretrain_steps == 0:
             return
-        pretrain_lrm(self.lrm_trainer, self._pretrain_batches(self.accelerator.unwrap_model(student)), steps)
-        self.accelerator.print(f"LRM pretrained for {steps} steps")
+        logs = pretrain_lrm(self.lrm_trainer, self._pretrain_batches(), rcfg.lrm_pretrain_steps,
+                            lr=rcfg.lrm_pretrain_lr, progress=self.accelerator.is_local_main_process)
+        tail = logs[-min(len(logs), 20):]
+        self.accelerator.print(f"LRM pre-trained for {len(logs)} steps: loss "
+                               f"{sum(l['lrm_pretrain_loss'] for l in tail) / len(tail):.3f}, pairwise agreement "
+                               f"with the expert {sum(l['lrm_pretrain_acc'] for l in tail) / len(tail):.3f} "
+                               f"(mean of the last {len(tail)})")
 
     @torch.no_grad()
-    def _pretrain_batches(self, student):
-        """``[pred(t_a), pred(t_b), gt]`` per batch: the student's one-step predictions ``f(x_t, t)`` from two
-        independent noise levels of the data latents, and the data latents themselves."""
+    def _pretrain_batches(self):
+        """``(latents, text_states, prompts)``: the first ``lrm_pretrain_batch_size`` data latents and captions of
+        each training batch (the loop's data order; posterior samples drawn with seed ``train.seed + 1``)."""
         cfg = self.config
-        rank, n = self.accelerator.process_index, cfg.reward.lrm_subset
+        rank, n = self.accelerator.process_index, cfg.reward.lrm_pretrain_batch_size
         for i, batch in enumerate(self.batches(rank, 0)):
             gen = step_generator(cfg.train.seed + 1, rank, i)
             latents, texts, _ = self._latents_and_text(batch, gen)
             latents, texts = latents[:n], texts[:n]
-            if not texts:
-                continue
-            cond = self._encode_text(texts, gen)
-            preds = []
-            for _ in range(2):
-                t, _, noise, w = self.objective.sample_inputs(latents, gen)
-                x_t = self.ldm.schedule.add_noise(latents, noise, t)
-                w_emb = None if self.w_dim is None else guidance_scale_embedding(w, self.w_dim).to(latents.device)
-                preds.append(self.objective.f(student, x_t, t, cond, w_emb))
-            yield [preds[0], preds[1], latents], cond.encoder_hidden_states, texts
+            if texts:
+                yield latents, self._encode_text(texts, gen).encoder_hidden_states, texts
 
     # ------------------------------------------------------------------ checkpoints / export
     def extra_state(self) -> dict:
