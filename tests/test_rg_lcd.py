@@ -405,3 +405,18 @@ def test_lrm_mode_with_jpeg_compressibility_makes_samples_more_compressible(tmp_
         train(task.config.train, task)
         sizes[beta] = _one_step_jpeg_kb(task, prompts)
     assert sizes[30.0] < 0.95 * sizes[0.0], sizes  # measured: 1.054 vs 1.202 kB
+
+
+def test_lora_student_trains_against_the_lrm_and_exports(tmp_path):
+    """LoRA student in LRM mode: only the adapters train (the UNet base stays the teacher's) and the run exports
+    the LoRA file plus the proxy."""
+    task = make_task(tmp_path, TOY_LRM, steps=2, **{"model.lora": True, "model.lora_rank": 4, "model.lora_alpha": 4})
+    teacher = {n: p.detach().clone() for n, p in task.ldm.unet.named_parameters()}
+    train(task.config.train, task)
+    params = dict(task.student.named_parameters())
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    assert any(float(params[n].abs().max()) > 0 for n in trainable if "lora_B" in n)  # B starts at zero
+    assert all(torch.equal(p, teacher[n]) for n, p in task.ldm.unet.named_parameters())
+    assert (tmp_path / "final" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert LatentRewardModel.from_pretrained(tmp_path / "final" / "lrm").config["text_dim"] == 64
