@@ -240,7 +240,8 @@ class RewardModel(torch.nn.Module):
         n, m = images.shape[0], len(prompts)
         if not self.uses_prompts:
             return self(images).unsqueeze(1).expand(n, m)
-        return self(images.repeat_interleave(m, dim=0), prompts * n).view(n, m)
+        # one image against all prompts per call: memory stays that of an m-image batch
+        return torch.stack([self(image.unsqueeze(0).expand(m, -1, -1, -1), prompts) for image in images])
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, differentiable={self.differentiable}, input_size={self.input_size}"

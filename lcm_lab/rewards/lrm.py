@@ -24,7 +24,9 @@ The pieces:
 * :class:`LRMTrainer`: one proxy update per LCM optimizer step: decode the three sets without
   gradient, score them with the expert, one AdamW step (lr 3.3e-6 in the paper) on the KL loss.
 * :func:`listwise_kl_loss` and :func:`pretrain_lrm`: optional warm start on data before distillation: the
-  expert scores every data latent of a batch against every caption and the LRM learns that matrix.
+  expert scores every data latent of a batch against every caption and the LRM learns that matrix. The
+  reference code starts from a pre-trained latent CLIP (``--pretrained_latent_rm``) instead; a proxy that
+  starts from scratch and only learns online stays near chance agreement (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
