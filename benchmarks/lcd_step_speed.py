@@ -555,13 +555,9 @@ def measure(args, variant: str) -> dict:
 
 def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:  # no /proc (not Linux): keep platform's name
-        cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")  # Linux only; elsewhere platform's name stays
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -220,8 +220,7 @@ def test_reward_models_are_not_trained_by_the_student_optimizer(tmp_path, monkey
 
 def test_lrm_learns_jpeg_compressibility_rankings():
     """The expert is only ever called for scores (JPEG size is not differentiable), yet the LRM comes to order
-    fixed latents like it. This checks fitting on fixed latents, not generalisation (that needs far more data:
-    about 0.7 held-out pairwise accuracy after 40 updates on 32 samples in a probe)."""
+    fixed latents like it. This checks fitting on fixed latents, not generalisation."""
     from diffusers import AutoencoderKL
 
     from lcm_lab.core.latents import LatentCodec
@@ -298,12 +297,15 @@ def test_config_errors_are_clear(tmp_path):
         load_method_config("rg_lcd", None, ["proportion_empty_prompts=0.1"])
     with pytest.raises(ConfigError, match="unknown config key"):
         load_method_config("rg_lcd", None, ["reward.lrm_subsett=4"])
+    with pytest.raises(ConfigError, match=r"lrm_pretrain_batch_size \(64\) must be <= train.batch_size \(32\)"):
+        load_method_config("rg_lcd", TOY_LRM, ["train.batch_size=32", "reward.lrm_pretrain_batch_size=64"])
     # the shipped configs parse (data.path is the one required key they leave open)
     cfg = load_method_config("rg_lcd", REPO / "configs/sd15/rg_lcd.yaml", ["data.path=/shards"])
     assert cfg.reward.reward == "hpsv2" and cfg.reward.reward_scale == 1.0 and cfg.reward.lrm_lr == 3.3e-6
     for name in ("sd21/rg_lcd.yaml", "sd21/rg_lcd_pickscore.yaml", "sd21/rg_lcd_clip.yaml",
                  "sd21/rg_lcd_hps_imagereward.yaml", "sdxl/rg_lcd.yaml"):
-        load_method_config("rg_lcd", REPO / "configs" / name, ["data.path=/shards"])
+        for mode in ("direct", "lrm"):  # lrm mode also checks the pre-training batch against the training batch
+            load_method_config("rg_lcd", REPO / "configs" / name, ["data.path=/shards", f"reward.mode={mode}"])
 
 
 def test_direct_mode_rejects_a_non_differentiable_expert():
@@ -337,7 +339,7 @@ def test_lrm_reads_toy_and_sd_latents():
 
 def test_lrm_pretraining_learns_the_experts_score_matrix(tmp_path):
     """Pre-training on data: on a batch it did not train on, the proxy's listwise loss against toy-clip halves and
-    its agreement on the better latent for each caption rises (slowly: ~0.5 -> 0.54 here); the student is untouched and the online learning
+    its agreement on the better latent for each caption rises (slowly); the student is untouched and the online learning
     rate is back afterwards."""
     import itertools
 
@@ -364,7 +366,7 @@ def test_lrm_pretraining_learns_the_experts_score_matrix(tmp_path):
     student_before = {n: p.detach().clone() for n, p in task.student.named_parameters()}
     task._start_lrm(task.student)
     end = loss_and_agreement()
-    assert end[0] < 0.5 * start[0] and end[1] > start[1], (start, end)
+    assert end[0] < 0.5 * start[0] and end[1] > start[1] + 0.01, (start, end)
     assert all(torch.equal(p, student_before[n]) for n, p in task.student.named_parameters())
     assert all(group["lr"] == 1e-5 for group in trainer.optimizer.param_groups)
     assert all(not p.requires_grad for p in task.lrm.parameters())
@@ -400,7 +402,7 @@ def test_lrm_mode_with_jpeg_compressibility_makes_samples_more_compressible(tmp_
         torch.manual_seed(0)
         task = make_task(tmp_path / f"beta{beta:g}", TOY_LRM, steps=6, **{
             "reward.reward": "jpeg-compressibility", "reward.reward_kwargs": "{}", "reward.reward_scale": beta,
-            "reward.lrm_pretrain_steps": 15, "reward.lrm_pretrain_batch_size": 16, "reward.lrm_pretrain_lr": 3e-3,
+            "reward.lrm_pretrain_steps": 15, "reward.lrm_pretrain_batch_size": 8, "reward.lrm_pretrain_lr": 3e-3,
             "train.batch_size": 8, "data.num_images": 64})
         train(task.config.train, task)
         sizes[beta] = _one_step_jpeg_kb(task, prompts)

@@ -191,7 +191,6 @@ class LCDLoss:
             target_out = self.f(target, x_s, s, cond, w_emb)
         pred = self.f(student, x_t, t, cond, w_emb)
         loss = consistency_loss(pred, target_out, self.config.loss_type, self.config.huber_c)
-        # pred keeps its graph (reward-guided objectives differentiate a reward of it); the rest is
-        # what such objectives reuse without redrawing: x_t, the target f_{theta^-}(x_s, s) and w's embedding.
-        return loss, {"loss": loss.detach(), "pred": pred, "t": t, "w": w, "x_t": x_t, "target": target_out,
-                      "w_emb": w_emb}
+        # pred keeps its graph (reward-guided objectives differentiate a reward of it); the target
+        # f_{theta^-}(x_s, s) is what RG-LCD's proxy update reuses without another forward.
+        return loss, {"loss": loss.detach(), "pred": pred, "t": t, "w": w, "target": target_out}

@@ -31,7 +31,6 @@ from .lcd import Conditioning, LCDLoss
 __all__ = ["RGLCDConfig", "RGLCDLoss", "build_expert"]
 
 MODES = ("direct", "lrm")
-LRM_TARGETS = ("lcd_target", "target_at_xt")
 
 
 @dataclass
@@ -61,9 +60,6 @@ class RGLCDConfig:
     lrm_subset: int = field(default=16, metadata={
         "help": "Samples of the batch (random subset) the LRM is trained on each step (paper: 16)."})
     lrm_logit_scale: float = field(default=100.0, metadata={"help": "Logit scale of the pairwise KL (paper: 100)."})
-    lrm_target: str = field(default="lcd_target", metadata={
-        "help": "Second latent set of the LRM update: 'lcd_target' = f_ema(x_s, s), the LCD target already "
-                "computed (reference code); 'target_at_xt' = f_ema(x_t, t), one more no-grad forward."})
     lrm_pretrain_steps: int = field(default=0, metadata={
         "help": "LRM pre-training steps on data before distillation (the expert scores every data latent of a "
                 "batch against every caption; the LRM learns that matrix); 0 = none."})
@@ -93,8 +89,6 @@ class RGLCDConfig:
             raise ValueError(f"reward_kwargs names {extra}, which reward={self.reward!r} does not use")
         if self.lrm_arch not in LRM_ARCHS:
             raise ValueError(f"lrm_arch must be one of {sorted(LRM_ARCHS)}, got {self.lrm_arch!r}")
-        if self.lrm_target not in LRM_TARGETS:
-            raise ValueError(f"lrm_target must be one of {LRM_TARGETS}, got {self.lrm_target!r}")
         for name in ("lrm_subset", "decode_chunk_size", "lrm_pretrain_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -132,8 +126,7 @@ class RGLCDLoss:
         lrm: the :class:`~lcm_lab.rewards.lrm.LatentRewardModel` (``lrm`` mode); kept frozen here.
 
     ``logs``: ``loss`` (total), ``lcd_loss``, ``reward`` (mean expert or LRM score of the prediction),
-    and LCDLoss's tensors (``pred``, ``x_t``, ``t``, ``w``, ``w_emb``,
-    ``target``) for the task's LRM update.
+    and LCDLoss's tensors (``pred``, ``t``, ``w``, ``target``) for the task's LRM update.
     """
 
     def __init__(self, config: RGLCDConfig, lcd: LCDLoss, codec=None, expert=None, lrm=None) -> None:

@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-from ..core.latents import LatentCodec
-from ..objectives.lcd import Conditioning
 from ..objectives.rg_lcd import RGLCDConfig, RGLCDLoss, build_expert
 from ..rewards.lrm import LatentRewardModel, LRMTrainer, pretrain_lrm
 from .lcd import LCDRunConfig, LCDTask
@@ -46,6 +44,11 @@ class RGLCDRunConfig(LCDRunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.reward.mode == "lrm" and self.reward.lrm_pretrain_steps and \
+                self.reward.lrm_pretrain_batch_size > self.train.batch_size:
+            raise ValueError(f"reward.lrm_pretrain_batch_size ({self.reward.lrm_pretrain_batch_size}) must be <= "
+                             f"train.batch_size ({self.train.batch_size}): pre-training batches are cut from "
+                             "training batches")
         if self.proportion_empty_prompts > 0:
             raise ValueError("proportion_empty_prompts must be 0 for rg_lcd: the reward scores each prediction "
                              "against the caption the student was conditioned on, and '' has no reward")
@@ -84,7 +87,7 @@ class RGLCDTask(LCDTask):
         device = accelerator.device
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         self.expert = build_expert(rcfg, device=device, dtype=dtype)
-        codec = LatentCodec(self.ldm.vae)
+        codec = self.ldm.codec
         if self.lrm is not None:
             self.lrm.to(device)
             self.lrm_trainer = LRMTrainer(self.lrm, self.expert, codec, lr=rcfg.lrm_lr,
@@ -104,18 +107,14 @@ class RGLCDTask(LCDTask):
         with self.accelerator.autocast():  # as LCDTask.loss: frozen nets in the mixed-precision dtype
             loss, logs = self.rg_objective(student, self.target_net(), latents, cond, texts, generator)
         if self.lrm is not None:
-            # Drawn after the LCD draws, so reward guidance leaves LCD's randomness untouched.
+            # Drawn after the LCD draws, so reward guidance leaves LCD's randomness untouched. Under gradient
+            # accumulation each micro-batch overwrites the subset: after_step trains on the last one.
             n = min(self.config.reward.lrm_subset, len(texts))
             keep = torch.randperm(len(texts), generator=generator)[:n]
             idx = keep.to(latents.device)
-            sub_cond = Conditioning(cond.encoder_hidden_states[idx],
-                                    None if cond.added_cond_kwargs is None
-                                    else {k: v[idx] for k, v in cond.added_cond_kwargs.items()})
             self._pending = {
-                "pred": logs["pred"].detach()[idx], "target": logs["target"][idx], "gt": latents[idx],
-                "x_t": logs["x_t"][idx], "t": logs["t"][idx],
-                "w_emb": None if logs["w_emb"] is None else logs["w_emb"][idx],
-                "cond": sub_cond, "prompts": [texts[i] for i in keep.tolist()],
+                "sets": [logs["pred"].detach()[idx], logs["target"][idx], latents[idx]],  # (pred, target, gt)
+                "text_states": cond.encoder_hidden_states[idx], "prompts": [texts[i] for i in keep.tolist()],
             }
         return loss, {"loss": logs["loss"], "lcd_loss": logs["lcd_loss"], "reward": logs["reward"],
                       "skipped_images": self.skipped}
@@ -124,13 +123,7 @@ class RGLCDTask(LCDTask):
         logs = {}
         if self._pending is not None:
             p, self._pending = self._pending, None
-            if self.config.reward.lrm_target == "target_at_xt":
-                with torch.no_grad():
-                    second = self.objective.f(self.target_net(), p["x_t"], p["t"], p["cond"], p["w_emb"])
-            else:
-                second = p["target"]
-            logs.update(self.lrm_trainer.update([p["pred"], second, p["gt"]], p["cond"].encoder_hidden_states,
-                                                p["prompts"]))
+            logs.update(self.lrm_trainer.update(p["sets"], p["text_states"], p["prompts"]))
         logs.update(super().after_step(step))  # EMA target update
         return logs
 
