@@ -1,6 +1,6 @@
 """The ``lcm-lab`` command line.
 
-    lcm-lab sample --prompt TEXT [--model DIR] [--sampler ddim|lcm|tcd] [--steps N]
+    lcm-lab sample --prompt TEXT [--model DIR (SD 1.x/2.x or SDXL)] [--sampler ddim|lcm|tcd] [--steps N]
                    [--guidance W] [--seed S] [--image PNG --strength F] [--out PNG]
     lcm-lab demo --out DIR [--num-samples N] [section.key=value ...]
     lcm-lab train lcd|rg_lcd --config configs/toy/lcd.yaml [section.key=value ...]
@@ -34,12 +34,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .generation import DEFAULT_STEPS, generate
     from .imaging import load_images
     from .models.sd import load_ldm
+    from .models.sdxl import is_sdxl_dir, load_sdxl
 
     prompts = args.prompt
-    model = load_ldm(args.model)
+    model = load_sdxl(args.model) if is_sdxl_dir(args.model) else load_ldm(args.model)
     images = None
     if args.image:
-        images = load_images([args.image] * len(prompts), size=model.latent_shape[1] * _vae_factor(model))
+        images = load_images([args.image] * len(prompts), size=model.image_size)
     elif args.strength != 1.0:
         raise ValueError("--strength needs an init image (--image PNG)")
     seeds = [args.seed + i for i in range(args.num_images)]
@@ -55,10 +56,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     steps = args.steps or DEFAULT_STEPS[args.sampler]
     print(f"wrote {len(out)} image(s) ({args.sampler}, {steps} steps, guidance {guidance}) to {path}")
     return 0
-
-
-def _vae_factor(model) -> int:
-    return 2 ** (len(model.vae.config.block_out_channels) - 1)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -96,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images from text (and optionally an init image)")
     s.add_argument("--prompt", action="append", required=True, help="text prompt; repeat for several")
-    s.add_argument("--model", default=None, help="diffusers pipeline folder (default: the embedded toy teacher)")
+    s.add_argument("--model", default=None, help="diffusers pipeline folder, SD 1.x/2.x or SDXL (default: the embedded toy teacher)")
     s.add_argument("--sampler", default="ddim", choices=["ddim", "lcm", "tcd"])
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: 50 for ddim, 4 for lcm/tcd)")
     s.add_argument("--guidance", type=float, default=None, help=f"guidance scale (default {TOY_GUIDANCE})")

@@ -17,7 +17,8 @@ from .core.denoiser import UNetModel
 from .core.noise import generators_for_seeds, randn
 from .core.parameterization import guidance_scale_embedding
 from .core.sampling import SAMPLERS, noised_start, timesteps_for
-from .models.sd import LatentDiffusionModel
+from .models.sd import LDMParts
+from .objectives.lcd import Conditioning
 
 DEFAULT_STEPS = {"ddim": 50, "lcm": 4, "tcd": 4}
 
@@ -28,7 +29,7 @@ def is_w_conditioned(unet) -> bool:
 
 
 def generate(
-    model: LatentDiffusionModel,
+    model: LDMParts,
     prompts: Sequence[str],
     seeds: Sequence[int],
     *,
@@ -40,6 +41,8 @@ def generate(
     batch_size: int = 64,
     gamma: float = 0.3,
     original_inference_steps: int | None = None,
+    timestep_scaling: float | None = None,
+    image_size: int | None = None,
     truncate: bool = False,
     progress: bool = True,
     output: str = "images",
@@ -47,7 +50,10 @@ def generate(
     """Generate one image per (prompt, seed).
 
     Args:
-        model: a loaded LDM (teacher or distilled student).
+        model: a loaded LDM, teacher or distilled student: SD 1.x/2.x
+            (:class:`~lcm_lab.models.sd.LatentDiffusionModel`) or SDXL (:class:`~lcm_lab.models.sdxl.SDXLModel`,
+            conditioned as ``StableDiffusionXLPipeline`` does: zero negative embeddings, size micro-conditioning
+            ``image_size``).
         prompts, seeds: equal-length sequences; image ``i`` depends only on
             ``prompts[i]``, ``seeds[i]`` and the sampler settings.
         sampler: ``"ddim"``, ``"lcm"`` or ``"tcd"``.
@@ -60,8 +66,9 @@ def generate(
         batch_size: images per network call.
         gamma: TCD's stochasticity.
         original_inference_steps: LCM/TCD distillation grid size; default: the model's scheduler config
-            (an exported ``LCMScheduler`` records it) or 50. The LCM boundary ``timestep_scaling`` is
-            read from the scheduler config the same way (default 10).
+            (an exported ``LCMScheduler`` records it) or 50.
+        timestep_scaling: the LCM boundary scaling; default: the scheduler config the same way, or 10.
+        image_size: side of the square images, a multiple of the VAE factor; default: the UNet's native size.
         output: ``"images"`` (N, 3, H, W) in [0, 1] or ``"latents"``.
 
     Runs under ``torch.inference_mode``; the result is an ordinary tensor.
@@ -74,46 +81,64 @@ def generate(
         raise ValueError("strength < 1 needs init images (--image)")
     if output not in ("images", "latents"):
         raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
+    factor = model.vae_scale_factor
+    image_size = image_size or model.image_size
+    if image_size % factor:
+        raise ValueError(f"image size {image_size} is not a multiple of the VAE's scale factor {factor}")
     steps = steps or DEFAULT_STEPS[sampler]
-    schedule, device = model.schedule, model.device
+    schedule, device, dtype = model.schedule, model.device, next(model.unet.parameters()).dtype
     if original_inference_steps is None:
         original_inference_steps = int(model.scheduler_config.get("original_inference_steps", 50))
     timesteps = timesteps_for(sampler, steps, schedule, strength, original_inference_steps)
     sample_fn = SAMPLERS[sampler]
     kwargs = {"gamma": gamma} if sampler == "tcd" else {}
     if sampler == "lcm":
-        kwargs["timestep_scaling"] = float(model.scheduler_config.get("timestep_scaling", 10.0))
+        kwargs["timestep_scaling"] = float(timestep_scaling if timestep_scaling is not None
+                                           else model.scheduler_config.get("timestep_scaling", 10.0))
+    latent_shape = (model.latent_shape[0], image_size // factor, image_size // factor)
+    # A budget of about one 1024 px image per VAE decode call: large decodes are memory-bound.
+    decode_chunk = max(1, min(64, 2**20 // image_size**2))
+    w_cond = is_w_conditioned(model.unet)
     # inference_mode is cheaper than no_grad (no autograd version tracking).
     with torch.inference_mode():
-        w_cond = is_w_conditioned(model.unet)
-        uncond = None if w_cond or guidance_scale == 1 else model.encode_prompts([""], allow_empty=True)
-
         outputs = []
         batches = range(0, len(prompts), batch_size)
         for start in tqdm(batches, desc=f"{sampler}-{steps}", disable=not progress or len(batches) < 2):
             chunk = slice(start, start + batch_size)
-            cond = model.encode_prompts(list(prompts[chunk]), truncate=truncate)
+            cond = model.conditioning(list(prompts[chunk]), truncate=truncate, image_size=image_size)
             gens = generators_for_seeds(seeds[chunk], device=device)
-            shape = (len(cond), *model.latent_shape)
-            noise = randn(shape, generator=gens, dtype=cond.dtype, device=device)
+            noise = randn((len(cond), *latent_shape), generator=gens, dtype=dtype, device=device)
             if images is None:
                 latents = noise
             else:
                 clean = model.codec.encode(images[chunk].to(device) * 2 - 1)
                 latents = noised_start(clean, schedule, timesteps[0], noise)
-            timestep_cond = None
+            timestep_cond, uncond = None, None
             if w_cond:
                 w = torch.full((len(cond),), guidance_scale - 1.0, device=device)
-                timestep_cond = guidance_scale_embedding(w, model.unet.config.time_cond_proj_dim).to(cond.dtype)
-            net = UNetModel(model.unet, cond, uncond=uncond, guidance_scale=1.0 if w_cond else guidance_scale,
-                            timestep_cond=timestep_cond)
+                timestep_cond = guidance_scale_embedding(w, model.unet.config.time_cond_proj_dim).to(dtype)
+            elif guidance_scale != 1:
+                uncond = _cast(model.unconditional(cond), device, dtype)
+            cond = _cast(cond, device, dtype)
+            net = UNetModel(model.unet, cond.encoder_hidden_states, guidance_scale=1.0 if w_cond else guidance_scale,
+                            timestep_cond=timestep_cond, added_cond_kwargs=cond.added_cond_kwargs,
+                            uncond=None if uncond is None else uncond.encoder_hidden_states,
+                            uncond_added_cond_kwargs=None if uncond is None else uncond.added_cond_kwargs)
             x0 = sample_fn(net, latents, schedule, timesteps, generator=gens, **kwargs)
-            outputs.append(x0 if output == "latents" else model.codec.to_unit(model.codec.decode(x0)))
+            outputs.append(x0 if output == "latents"
+                           else model.codec.to_unit(model.codec.decode(x0, chunk_size=decode_chunk)))
         images_out = torch.cat(outputs)
     return images_out.clone()  # an ordinary tensor again, usable outside inference mode
 
 
-def timed_generate(model: LatentDiffusionModel, prompts, seeds, **kwargs) -> tuple[torch.Tensor, float]:
+def _cast(cond: Conditioning, device: torch.device, dtype: torch.dtype) -> Conditioning:
+    """``cond`` on the UNet's device and in its dtype (e.g. fp16 text embeddings for an fp32 student)."""
+    added = cond.added_cond_kwargs
+    return Conditioning(cond.encoder_hidden_states.to(device, dtype),
+                        None if added is None else {k: v.to(device, dtype) for k, v in added.items()})
+
+
+def timed_generate(model: LDMParts, prompts, seeds, **kwargs) -> tuple[torch.Tensor, float]:
     """:func:`generate` plus wall-clock seconds per image."""
     t0 = time.perf_counter()
     out = generate(model, prompts, seeds, **kwargs)

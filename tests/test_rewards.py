@@ -160,6 +160,20 @@ def test_clip_score_local_dir_matches_raw_model(open_clip_dir, open_clip_raw):
         reward(images, PROMPTS[:2])
 
 
+def test_clip_text_features_encode_each_distinct_prompt_once(open_clip_dir, open_clip_raw):
+    reward = CLIPScoreReward(open_clip_dir, clip_at_zero=False)
+    rows = []
+    encode_text = reward.model.encode_text
+    reward.model.encode_text = lambda tokens: rows.append(len(tokens)) or encode_text(tokens)
+    repeated = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    features = reward.text_features(repeated)
+    assert rows == [2]  # two distinct prompts, one batch
+    torch.testing.assert_close(features, reward.text_features(PROMPTS[:2])[[1, 0, 1, 1]], atol=1e-6, rtol=0)
+    images = _images(n=4)
+    torch.testing.assert_close(reward.cosine(images, repeated), _open_clip_reference(open_clip_raw, images, repeated),
+                               atol=1e-5, rtol=0)
+
+
 def test_clip_score_weights_file_with_arch(tmp_path, open_clip_raw, monkeypatch):
     torch.save(open_clip_raw[1], tmp_path / "open_clip_pytorch_model.bin")
     monkeypatch.setenv("LCM_LAB_CLIP_CHECKPOINT", str(tmp_path / "open_clip_pytorch_model.bin"))

@@ -10,6 +10,8 @@ import torch
 
 from lcm_lab.models.sd import toy_teacher_dir
 
+from helpers.tiny_run import TINY
+
 pytestmark = [
     pytest.mark.skipif(not (toy_teacher_dir() / "model_index.json").exists(),
                        reason="toy assets not built (python scripts/build_toy_assets.py)"),
@@ -121,8 +123,7 @@ def test_cli_sample_writes_png_and_rejects_bad_input(tmp_path, capsys):
 def test_demo_distills_evaluates_and_reports(tmp_path):
     from lcm_lab.demo import run_demo
 
-    tiny = ["train.max_steps=2", "train.batch_size=4", "train.checkpointing_steps=2", "train.validation_steps=0",
-            "train.report_to=none", "data.num_images=16"]
+    tiny = [f"{k}={v}" for k, v in TINY.items()]
     report = run_demo(tmp_path / "demo", num_samples=12, overrides=tiny, num_prompts=3, reference_num=12,
                       progress=False)
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())

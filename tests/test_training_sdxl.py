@@ -19,6 +19,8 @@ from lcm_lab.training import load_method_config
 from lcm_lab.training.lcd import LCDTask
 from lcm_lab.training.trainer import train
 
+from helpers.tiny_run import tiny_overrides
+
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 HIDDEN = 32     # width of each tiny text encoder
@@ -85,14 +87,10 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def overrides(out: Path, teacher: Path, data: Path, **extra) -> list[str]:
-    base = {
-        "model.teacher": str(teacher), "data.type": "folder", "data.path": str(data), "data.resolution": R,
-        "data.cache_latents": False, "train.output_dir": str(out), "train.max_steps": 2, "train.batch_size": 2,
-        "train.learning_rate": 1e-3, "train.lr_warmup_steps": 0, "train.checkpointing_steps": 2,
-        "train.report_to": "none", "train.validation_steps": 0, "train.progress": False,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    """The shared tiny run, on the SDXL teacher and its image folder."""
+    base = {"model.teacher": str(teacher), "data.type": "folder", "data.path": str(data), "data.resolution": R,
+            "data.cache_latents": False, "train.batch_size": 2}
+    return tiny_overrides(out, 2, **{**base, **extra})
 
 
 def record_teacher_conditioning(task: LCDTask) -> list[dict]:
@@ -123,17 +121,28 @@ def test_sdxl_dir_detection_and_missing_parts(teacher_dir, tmp_path):
     # (zero negative embeddings, the same time_ids on both branches)
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
-    from lcm_lab.models.sdxl import generate_sdxl_lcm
+    from lcm_lab.generation import generate
 
     pipe = StableDiffusionXLPipeline.from_pretrained(teacher_dir)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     want = pipe(PROMPT, num_inference_steps=2, guidance_scale=3.0, height=R, width=R, output_type="pt",
                 generator=torch.Generator().manual_seed(5)).images
-    got = generate_sdxl_lcm(model, model.unet, [PROMPT], [5], steps=2, resolution=R, guidance_scale=3.0)
+    got = generate(model, [PROMPT], [5], sampler="lcm", steps=2, image_size=R, guidance_scale=3.0)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
-    plain = generate_sdxl_lcm(model, model.unet, [PROMPT], [5], steps=2, resolution=R, guidance_scale=1.0)
+    plain = generate(model, [PROMPT], [5], sampler="lcm", steps=2, image_size=R, guidance_scale=1.0)
     assert (plain - got).abs().max() > 1e-4
+    # `lcm-lab sample` takes SDXL folders too (the folder's native size here is R)
+    import numpy as np
+    from PIL import Image
+
+    from lcm_lab.cli import main
+
+    assert model.image_size == R
+    assert main(["sample", "--model", str(teacher_dir), "--prompt", PROMPT, "--sampler", "lcm", "--steps", "2",
+                 "--guidance", "3", "--seed", "5", "--out", str(tmp_path / "cli.png")]) == 0
+    png = torch.from_numpy(np.array(Image.open(tmp_path / "cli.png"))).permute(2, 0, 1).float() / 255
+    assert (png - got[0]).abs().max() <= 1 / 255 + 1e-6
 
     partial = tmp_path / "partial"
     shutil.copytree(teacher_dir, partial)
@@ -145,7 +154,8 @@ def test_sdxl_dir_detection_and_missing_parts(teacher_dir, tmp_path):
 def test_full_lcd_on_sdxl_teacher(teacher_dir, data_dir, tmp_path):
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
-    from lcm_lab.models.sdxl import generate_sdxl_lcm, load_sdxl
+    from lcm_lab.generation import generate
+    from lcm_lab.models.sdxl import load_sdxl
 
     cfg = load_method_config("lcd", None, overrides(
         tmp_path, teacher_dir, data_dir, **{"train.validation_steps": 2, "validation.prompts": f'["{PROMPT}"]',
@@ -185,7 +195,7 @@ def test_full_lcd_on_sdxl_teacher(teacher_dir, data_dir, tmp_path):
     assert image.shape == (1, 3, R, R) and torch.isfinite(image).all()
     # lcm_lab's own SDXL LCM sampler (validation grids) gives the stock pipeline's image
     exported = load_sdxl(pipe_dir)
-    ours = generate_sdxl_lcm(exported, exported.unet, [PROMPT], [7], steps=2, resolution=R, guidance_scale=5.0)
+    ours = generate(exported, [PROMPT], [7], sampler="lcm", steps=2, image_size=R, guidance_scale=5.0)
     torch.testing.assert_close(ours, image, rtol=0, atol=1e-4)
 
 

@@ -335,11 +335,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def image_size_of(model) -> int:
-    """Side of the images a loaded LDM generates (latent size x VAE factor)."""
-    return model.latent_shape[1] * 2 ** (len(model.vae.config.block_out_channels) - 1)
-
-
 def resolve_prompts(prompt_set, num_samples: int | None, tokenizer=None, per_style: int | None = None) -> PromptSet:
     """A :class:`PromptSet` from a spec string, a PromptSet, or a list of prompts / pairs."""
     if isinstance(prompt_set, PromptSet):
@@ -431,7 +426,7 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
     if suite is None:
         suite = MetricSuite(metrics, toy=toy, device=device, clip=clip, hps=hps, inception=inception,
                             reference=reference, reference_num=reference_num, fid_options=fid_options)
-    acc = suite.start(vae=ldm.vae, image_size=image_size_of(ldm))
+    acc = suite.start(vae=ldm.vae, image_size=ldm.image_size)
     out_dir = Path(save_images_dir) if save_images_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,9 +30,42 @@ def toy_teacher_dir() -> Path:
     return assets_dir() / "toy" / "teacher"
 
 
+class LDMParts:
+    """What every loaded LDM (SD 1.x/2.x :class:`LatentDiffusionModel`, SDXL
+    :class:`~lcm_lab.models.sdxl.SDXLModel`) derives from its ``unet`` and ``vae``."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+
+    @property
+    def codec(self) -> LatentCodec:
+        return LatentCodec(self.vae)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel: ``2 ** (len(vae.config.block_out_channels) - 1)`` (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(channels, size, size)`` of the UNet's native latents (``unet.config.sample_size``)."""
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        return (cfg.in_channels, size, size)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images the model generates natively (latent size x VAE factor)."""
+        return self.latent_shape[1] * self.vae_scale_factor
+
+
 @dataclass
-class LatentDiffusionModel:
-    """A loaded LDM: networks, noise schedule and latent codec."""
+class LatentDiffusionModel(LDMParts):
+    """A loaded SD 1.x/2.x-style LDM: networks, noise schedule and latent codec."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -42,38 +75,42 @@ class LatentDiffusionModel:
     scheduler_config: dict
     path: Path
 
-    @property
-    def codec(self) -> LatentCodec:
-        return LatentCodec(self.vae)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return (cfg.in_channels, size, size)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
     def encode_prompts(self, prompts: list[str], allow_empty: bool = False,
                        truncate: bool = False) -> torch.Tensor:
         """Text embeddings [B, L, D] exactly as StableDiffusionPipeline.encode_prompt makes them."""
         return encode_prompts(self.tokenizer, self.text_encoder, prompts, allow_empty, truncate)
 
+    def conditioning(self, prompts: list[str], truncate: bool = False, image_size: int | None = None):
+        """The UNet conditioning of ``prompts`` for generation (``image_size`` is for SDXL; unused here)."""
+        from ..objectives.lcd import Conditioning
 
-def check_model_dir(path: str | os.PathLike) -> Path:
-    """Raise a clear error when ``path`` is not a complete diffusers LDM folder."""
+        return Conditioning(self.encode_prompts(prompts, truncate=truncate))
+
+    def unconditional(self, cond):
+        """The unconditional branch of classifier-free guidance: the embedding of ``""`` (batch 1)."""
+        from ..objectives.lcd import Conditioning
+
+        return Conditioning(self.encode_prompts([""], allow_empty=True))
+
+
+def check_pipeline_dir(path: str | os.PathLike, parts: tuple[str, ...] = REQUIRED_PARTS, kind: str = "model",
+                       hint: str = "Pass a local diffusers pipeline folder (e.g. one saved with "
+                                   "`pipe.save_pretrained(DIR)`, or downloaded once with "
+                                   "`huggingface-cli download <repo> --local-dir DIR`).") -> Path:
+    """``path`` as a ``Path`` if it is a folder with every subfolder in ``parts``.
+
+    Raises:
+        FileNotFoundError: the folder is missing, or lacks some of ``parts`` (each named in the message,
+            followed by ``hint``: how to obtain such a folder).
+    """
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(
-            f"model folder {folder} does not exist. Pass a local diffusers pipeline folder "
-            "(e.g. one saved with `pipe.save_pretrained(DIR)`, or downloaded once with "
-            "`huggingface-cli download <repo> --local-dir DIR`).")
-    missing = [p for p in REQUIRED_PARTS if not (folder / p).is_dir()]
+        raise FileNotFoundError(f"{kind} folder {folder} does not exist. {hint}")
+    missing = [p for p in parts if not (folder / p).is_dir()]
     if missing:
-        raise FileNotFoundError(f"model folder {folder} lacks {', '.join(p + '/' for p in missing)}; "
-                                "it must be a diffusers pipeline folder (model_index.json + components)")
+        raise FileNotFoundError(
+            f"{kind} folder {folder} lacks the subfolder(s) {', '.join(p + '/' for p in missing)}; it must be a "
+            f"diffusers pipeline folder with {', '.join(p + '/' for p in parts)}. {hint}")
     return folder
 
 
@@ -88,7 +125,7 @@ def load_ldm(path: str | os.PathLike | None = None, device: str | torch.device =
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    folder = check_model_dir(path if path is not None else toy_teacher_dir())
+    folder = check_pipeline_dir(path if path is not None else toy_teacher_dir())
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)

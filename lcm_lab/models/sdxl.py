@@ -25,8 +25,8 @@ Training captions: empty prompts are allowed (caption dropout) and over-long pro
 truncated to the tokenizers' context (77 tokens), as the reference training scripts do.
 
 Whole teachers: :func:`is_sdxl_dir` tells an SDXL pipeline folder (it has ``text_encoder_2/``) from an
-SD 1.x/2.x one, :func:`load_sdxl` loads it as an :class:`SDXLModel`, and :func:`generate_sdxl_lcm` draws
-LCM samples from an SDXL-architecture UNet with the core sampler (validation grids during LCD).
+SD 1.x/2.x one, :func:`load_sdxl` loads it as an :class:`SDXLModel`, which :func:`lcm_lab.generation.generate` samples
+like any other LDM (validation grids during LCD).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ..core.schedules import NoiseSchedule
+from .sd import LDMParts, check_pipeline_dir
 from ..objectives.lcd import Conditioning
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
     "is_sdxl_dir",
     "check_sdxl_dir",
     "load_sdxl",
-    "generate_sdxl_lcm",
     "make_time_ids",
     "encode_prompts_sdxl",
     "sdxl_uncond",
@@ -214,21 +214,8 @@ def is_sdxl_dir(path: str | os.PathLike | None) -> bool:
 
 
 def check_sdxl_dir(path: str | os.PathLike, parts: Sequence[str] = SDXL_PARTS) -> Path:
-    """``path`` as a ``Path`` if it is a folder with every subfolder in ``parts``.
-
-    Raises:
-        FileNotFoundError: the folder is missing, or lacks some of ``parts`` (each named in the message,
-            with how to obtain an SDXL pipeline folder).
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"SDXL model folder {folder} does not exist. {_DOWNLOAD_HINT}")
-    missing = [p for p in parts if not (folder / p).is_dir()]
-    if missing:
-        raise FileNotFoundError(
-            f"SDXL model folder {folder} lacks the subfolder(s) {', '.join(p + '/' for p in missing)}; it must be "
-            f"a diffusers SDXL pipeline folder with {', '.join(p + '/' for p in parts)}. {_DOWNLOAD_HINT}")
-    return folder
+    """:func:`~lcm_lab.models.sd.check_pipeline_dir` for SDXL folders (the error says how to get SDXL)."""
+    return check_pipeline_dir(path, tuple(parts), kind="SDXL model", hint=_DOWNLOAD_HINT)
 
 
 def load_sdxl_text(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -254,7 +241,7 @@ def load_sdxl_text(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 @dataclass
-class SDXLModel:
+class SDXLModel(LDMParts):
     """A loaded SDXL teacher (or SDXL-architecture student): networks, noise schedule, text conditioning.
 
     ``unet``, ``vae``, ``schedule``, ``scheduler_config`` and ``path`` mean what they mean on
@@ -270,20 +257,20 @@ class SDXLModel:
     scheduler_config: dict
     path: Path
 
-    @property
-    def codec(self):
-        from ..core.latents import LatentCodec
+    def conditioning(self, prompts: Sequence[str], truncate: bool = True, image_size: int | None = None
+                     ) -> Conditioning:
+        """Generation conditioning: ``text.encode`` with ``original_size = target_size = (R, R)`` and no crop,
+        ``R = image_size`` (default :attr:`image_size`), as ``StableDiffusionXLPipeline`` does. Over-long
+        prompts are truncated to the tokenizers' context, as that pipeline does."""
+        r = image_size or self.image_size
+        return self.text.encode(list(prompts), original_size=(r, r), crop_top_left=(0, 0), target_size=(r, r))
 
-        return LatentCodec(self.vae)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent pixel (8 for SDXL): ``2 ** (len(vae.config.block_out_channels) - 1)``."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+    def unconditional(self, cond: Conditioning) -> Conditioning:
+        """Zero text and pooled embeddings (batch 1, SDXL's ``force_zeros_for_empty_prompt``) with ``cond``'s
+        ``time_ids``, the negative branch of ``StableDiffusionXLPipeline``."""
+        zeros = sdxl_uncond(cond)
+        return Conditioning(zeros.encoder_hidden_states,
+                            {**zeros.added_cond_kwargs, "time_ids": cond.added_cond_kwargs["time_ids"]})
 
 
 def load_sdxl(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -320,56 +307,3 @@ def load_sdxl(path: str | os.PathLike, device: str | torch.device = "cpu",
     text = load_sdxl_text(folder, device=device, dtype=dtype)
     return SDXLModel(unet, vae, text, NoiseSchedule.from_scheduler(scheduler_config).to(device), scheduler_config,
                      folder)
-
-
-@torch.no_grad()
-def generate_sdxl_lcm(model: SDXLModel, unet: torch.nn.Module, prompts: Sequence[str], seeds: Sequence[int], *,
-                      steps: int = 4, resolution: int = 1024, guidance_scale: float = 8.0,
-                      original_inference_steps: int = 50, timestep_scaling: float = 10.0) -> torch.Tensor:
-    """LCM samples of an SDXL-architecture ``unet`` (e.g. a student being trained), as images in ``[0, 1]``.
-
-    Runs :func:`~lcm_lab.core.sampling.sample_lcm` on the LCM grid
-    (:func:`~lcm_lab.core.sampling.timesteps_for`) with ``model``'s text encoders, schedule and VAE. Conditioning
-    is ``model.text.encode(prompts, original_size=(R, R), crop_top_left=(0, 0), target_size=(R, R))`` with
-    ``R = resolution`` (the pixel size generated). A w-conditioned ``unet`` (``time_cond_proj_dim`` set) gets
-    ``timestep_cond = guidance_scale_embedding(guidance_scale - 1)`` and no CFG, as ``StableDiffusionXLPipeline``
-    does for such UNets; otherwise ``guidance_scale != 1`` is ordinary CFG against zero text/pooled embeddings
-    (SDXL's ``force_zeros_for_empty_prompt``). Image ``i`` depends only on ``prompts[i]`` and ``seeds[i]``.
-    """
-    from ..core.denoiser import UNetModel
-    from ..core.noise import generators_for_seeds, randn
-    from ..core.parameterization import guidance_scale_embedding
-    from ..core.sampling import sample_lcm, timesteps_for
-
-    prompts = list(prompts)
-    if len(prompts) != len(seeds):
-        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-    factor = model.vae_scale_factor
-    if resolution % factor:
-        raise ValueError(f"resolution {resolution} is not a multiple of the VAE's scale factor {factor}")
-    param = next(unet.parameters())
-    device, dtype = param.device, param.dtype
-    cond = model.text.encode(prompts, original_size=(resolution, resolution), crop_top_left=(0, 0),
-                             target_size=(resolution, resolution))
-    hidden = cond.encoder_hidden_states.to(device, dtype)
-    added = {k: v.to(device, dtype) for k, v in cond.added_cond_kwargs.items()}
-    timestep_cond, uncond, uncond_added = None, None, None
-    w_dim = getattr(unet.config, "time_cond_proj_dim", None)
-    if w_dim is not None:
-        w = torch.full((len(prompts),), guidance_scale - 1.0, device=device)
-        timestep_cond = guidance_scale_embedding(w, w_dim).to(dtype)
-        guidance_scale = 1.0
-    elif guidance_scale != 1:
-        zeros = sdxl_uncond(cond)
-        uncond = zeros.encoder_hidden_states.to(device, dtype)
-        uncond_added = {"text_embeds": zeros.added_cond_kwargs["text_embeds"].to(device, dtype),
-                        "time_ids": added["time_ids"]}
-    net = UNetModel(unet, hidden, uncond=uncond, guidance_scale=guidance_scale, timestep_cond=timestep_cond,
-                    added_cond_kwargs=added, uncond_added_cond_kwargs=uncond_added)
-    gens = generators_for_seeds(seeds)
-    size = resolution // factor
-    latents = randn((len(prompts), unet.config.in_channels, size, size), generator=gens, dtype=dtype, device=device)
-    timesteps = timesteps_for("lcm", steps, model.schedule, original_inference_steps=original_inference_steps)
-    x0 = sample_lcm(net, latents, model.schedule, timesteps, generator=gens, timestep_scaling=timestep_scaling)
-    codec = model.codec
-    return codec.to_unit(codec.decode(x0, chunk_size=1).float())  # one image at a time: 1024 px decodes are large

@@ -163,9 +163,9 @@ def export_lcm_pipeline(
     from diffusers import AutoencoderKL, LatentConsistencyModelPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from ..models.sd import check_model_dir
+    from ..models.sd import check_pipeline_dir
 
-    base = check_model_dir(base_dir)
+    base = check_pipeline_dir(base_dir)
     _check_student_unets(unet, target_unet, "LatentConsistencyModelPipeline", "StableDiffusionPipeline")
     scheduler = _lcm_scheduler(base, original_inference_steps, timestep_scaling)
     pipe = LatentConsistencyModelPipeline(
@@ -223,7 +223,7 @@ def export_lcm_sdxl_pipeline(
 
     base = check_sdxl_dir(base_dir, SDXL_PARTS)
     _check_student_unets(unet, target_unet, "an LCM StableDiffusionXLPipeline",
-                         "StableDiffusionXLPipeline (as a LoRA, see export_lora(..., sdxl=True))")
+                         "StableDiffusionXLPipeline (as a LoRA, see export_lora)")
     scheduler = _lcm_scheduler(base, original_inference_steps, timestep_scaling)
     index_file = base / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
@@ -243,7 +243,7 @@ def export_lcm_sdxl_pipeline(
     return _save_pipeline(out_dir, pipe, target_unet)
 
 
-def export_lora(out_dir: str | os.PathLike, unet_with_lora, adapter_name: str = "default", sdxl: bool = False) -> Path:
+def export_lora(out_dir: str | os.PathLike, unet_with_lora, adapter_name: str = "default") -> Path:
     """Save an LCM-LoRA adapter as ``<out_dir>/pytorch_lora_weights.safetensors`` (diffusers LoRA format).
 
     ``StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet),
@@ -263,17 +263,16 @@ def export_lora(out_dir: str | os.PathLike, unet_with_lora, adapter_name: str = 
         unet_with_lora (`UNet2DConditionModel`): a UNet prepared by :func:`~lcm_lab.models.student.add_lora`
             (plain module, unwrapped). Not modified.
         adapter_name (`str`, defaults to ``"default"``): the peft adapter to export.
-        sdxl (`bool`, defaults to False): the UNet is an SDXL UNet; save with
-            ``StableDiffusionXLPipeline.save_lora_weights`` (load with ``StableDiffusionXLPipeline.load_lora_weights``).
+
+    The file holds UNet layers only, so it is the same for SD and SDXL UNets: an SDXL adapter loads with
+    ``StableDiffusionXLPipeline.load_lora_weights``.
 
     Returns:
         `Path`: the (absolute) output folder.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline
 
     from ..models.student import lora_state_dict
-
-    pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
 
     state = lora_state_dict(unet_with_lora, adapter_name)
     layers = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
@@ -281,7 +280,7 @@ def export_lora(out_dir: str | os.PathLike, unet_with_lora, adapter_name: str = 
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
 
     def write(tmp: Path) -> None:
-        pipeline_cls.save_lora_weights(
+        StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
         )
 

@@ -218,9 +218,18 @@ class OpenCLIPReward(RewardModel):
 
     @torch.no_grad()
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
-        """L2-normalised text embeddings ``(B, D)`` float32 (computed without gradients)."""
-        tokens = self.tokenizer(list(prompts)).to(self.device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        """L2-normalised text embeddings ``(B, D)`` float32 (computed without gradients).
+
+        Each distinct prompt is encoded once: RG-LCD's proxy training scores three latent sets against the
+        same prompts."""
+        prompts = list(prompts)
+        distinct = list(dict.fromkeys(prompts))
+        tokens = self.tokenizer(distinct).to(self.device)
+        features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        if len(distinct) == len(prompts):
+            return features
+        row = {p: i for i, p in enumerate(distinct)}
+        return features[torch.tensor([row[p] for p in prompts], device=features.device)]
 
     def cosine(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Cosine similarity ``(B,)`` of each image with its own prompt."""

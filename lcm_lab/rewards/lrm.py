@@ -358,7 +358,7 @@ class LRMTrainer:
         flat /= world
         offset = 0
         for p, g in zip(self.model.parameters(), grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
+            p.grad = flat[offset:offset + g.numel()].view_as(p)
             offset += g.numel()
 
     # ------------------------------------------------------------------ checkpoint tensors

@@ -18,6 +18,7 @@ stock ``StableDiffusionXLPipeline`` folder with an ``LCMScheduler`` (full) or an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from ..core.latents import LatentCodec
 from ..models.sd import load_ldm, toy_teacher_dir
 from ..models.sdxl import is_sdxl_dir, load_sdxl, sdxl_uncond
 from ..objectives.lcd import Conditioning, LCDConfig, LCDLoss
-from .data import DataConfig, StepBatchSampler, build_dataset, collate, encode_dataset, make_dataloader
+from .data import DataConfig, StepBatchSampler, build_dataset, encode_dataset, make_dataloader
 from .ema import EMA
 from .trainer import LoopConfig, to_channels_last, train
 
@@ -188,12 +189,16 @@ class LCDTask:
     def target_net(self) -> torch.nn.Module:
         return self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.student)
 
-    def loss(self, student, batch, generator):
+    def _prepare(self, batch, generator) -> tuple[torch.Tensor, list[str], Conditioning]:
+        """Latents, captions and their conditioning of a batch; unreadable images are counted and dropped."""
         latents, texts, skipped = self._latents_and_text(batch, generator)
         self.skipped += skipped
         if len(texts) == 0:
             raise RuntimeError("a whole batch of images was unreadable; check the dataset")
-        cond = self._encode_text(texts, generator)
+        return latents, texts, self._encode_text(texts, generator)
+
+    def loss(self, student, batch, generator):
+        latents, _, cond = self._prepare(batch, generator)
         # Teacher and target under autocast too (as the reference scripts): the EMA target is not wrapped by
         # accelerate, and would otherwise get half-precision text embeddings with its float32 weights.
         with self.accelerator.autocast():
@@ -226,40 +231,26 @@ class LCDTask:
         from ..eval.toy import eval_prompts
         from ..generation import generate
 
-        vcfg = self.config.validation
-        if self.sdxl:
-            return self._sdxl_validation_images()
-        prompts = list(vcfg.prompts) or eval_prompts(8)[0]
+        vcfg, ocfg = self.config.validation, self.config.objective
+        prompts = list(vcfg.prompts)
+        if not prompts:
+            if self.sdxl:
+                raise ValueError("SDXL validation needs validation.prompts (there are no toy prompts for SDXL)")
+            prompts = eval_prompts(8)[0]
         view = copy.copy(self.ldm)
         view.unet = self.final_unet()
         was_training = view.unet.training
         view.unet.eval()
         seeds = [vcfg.seed + i for i in range(len(prompts))]
         guidance = 1.0 if self.config.model.lora else vcfg.guidance_scale
-        with self.accelerator.autocast():  # half-precision text embeddings meet the float32 student/target
+        # SD: autocast lets half-precision text embeddings meet the float32 student; SDXL's VAE must decode in
+        # float32, so it runs without.
+        with contextlib.nullcontext() if self.sdxl else self.accelerator.autocast():
             rows = [generate(view, prompts, seeds, sampler="lcm", steps=s, guidance_scale=guidance,
-                             original_inference_steps=self.config.objective.num_ddim_timesteps, progress=False)
+                             original_inference_steps=ocfg.num_ddim_timesteps, timestep_scaling=ocfg.timestep_scaling,
+                             image_size=self.config.data.resolution if self.sdxl else None, progress=False)
                     for s in vcfg.steps]
         view.unet.train(was_training)
-        return torch.cat(rows).float().cpu(), len(prompts)
-
-    def _sdxl_validation_images(self) -> tuple[torch.Tensor, int]:
-        from ..models.sdxl import generate_sdxl_lcm
-
-        vcfg, ocfg = self.config.validation, self.config.objective
-        prompts = list(vcfg.prompts)
-        if not prompts:
-            raise ValueError("SDXL validation needs validation.prompts (there are no toy prompts for SDXL)")
-        unet = self.final_unet()  # no autocast here: SDXL's VAE must decode in float32
-        was_training = unet.training
-        unet.eval()
-        seeds = [vcfg.seed + i for i in range(len(prompts))]
-        guidance = 1.0 if self.config.model.lora else vcfg.guidance_scale
-        rows = [generate_sdxl_lcm(self.ldm, unet, prompts, seeds, steps=s, resolution=self.config.data.resolution,
-                                  guidance_scale=guidance, original_inference_steps=ocfg.num_ddim_timesteps,
-                                  timestep_scaling=ocfg.timestep_scaling)
-                for s in vcfg.steps]
-        unet.train(was_training)
         return torch.cat(rows).float().cpu(), len(prompts)
 
     def export(self, out_dir: Path) -> None:
@@ -267,7 +258,7 @@ class LCDTask:
 
         ocfg = self.config.objective
         if self.config.model.lora:
-            export_lora(out_dir / "lora", self.final_unet(), sdxl=self.sdxl)
+            export_lora(out_dir / "lora", self.final_unet())
             return
         online = self.accelerator.unwrap_model(self.student)
         main, other = (self.ema.model, online) if self.config.model.export_unet == "target" else (online, self.ema.model)

@@ -99,11 +99,7 @@ class RGLCDTask(LCDTask):
     def loss(self, student, batch, generator):
         if self.lrm is not None and not self._lrm_started:
             self._start_lrm(student)
-        latents, texts, skipped = self._latents_and_text(batch, generator)
-        self.skipped += skipped
-        if len(texts) == 0:
-            raise RuntimeError("a whole batch of images was unreadable; check the dataset")
-        cond = self._encode_text(texts, generator)  # no prompt dropping in rg_lcd (see RGLCDRunConfig)
+        latents, texts, cond = self._prepare(batch, generator)  # no prompt dropping in rg_lcd (RGLCDRunConfig)
         with self.accelerator.autocast():  # as LCDTask.loss: frozen nets in the mixed-precision dtype
             loss, logs = self.rg_objective(student, self.target_net(), latents, cond, texts, generator)
         if self.lrm is not None:
