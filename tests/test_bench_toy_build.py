@@ -1,0 +1,23 @@
+"""benchmarks/toy_build_rates.py: per-stage rates of a small build, projected onto the default build."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
+
+def test_projection_scales_each_stage_rate_by_the_default_build():
+    spec = importlib.util.spec_from_file_location("toy_build_rates", ROOT / "benchmarks" / "toy_build_rates.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.measure({"vae": 2, "judge": 2, "reward": 2, "teacher": 2})
+    full = result["full_build"]
+    for stage in ("vae", "judge", "reward", "teacher"):
+        rate = result["seconds_per_step"][stage]
+        assert rate > 0
+        assert result["projected_minutes"][stage] == pytest.approx(rate * full[f"{stage}_steps"] / 60, abs=0.06)
+    assert result["projected_minutes"]["data"] > 0 and result["projected_minutes"]["latents"] > 0
+    assert result["projected_total_minutes"] == pytest.approx(sum(result["projected_minutes"].values()), abs=0.35)
