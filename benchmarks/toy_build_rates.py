@@ -4,10 +4,11 @@
 
 Runs every stage of :mod:`lcm_lab.toy.build` on a small world (600 training images) in a temporary folder,
 with the default batch sizes and a few hundred optimiser steps in all, and times it. Each training stage's
-seconds per step (model set-up and saving included, so slightly pessimistic) times its default step count,
-plus the per-image rates of rendering and VAE encoding/decoding times the default image counts, gives the
-projected minutes of a full ``python scripts/build_toy_assets.py`` alone on this machine. Two to three
-minutes; the build's outputs are deleted afterwards.
+seconds per step (the median interval between two optimiser updates: data, forward, backward and update, not
+the stage's set-up or saving) times its default step count, plus the per-image rates of rendering and VAE
+encoding/decoding times the default image counts, gives the projected minutes of a full
+``python scripts/build_toy_assets.py`` alone on this machine. Two to three minutes; the build's outputs are
+deleted afterwards.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import asdict
@@ -49,15 +51,25 @@ def measure(steps: dict[str, int] = PROBE_STEPS) -> dict:
             result = fn(*args)
             return result, time.perf_counter() - t0
 
-        data, render_s = timed(build.build_data, cfg)
-        vae_dir, vae_s = timed(build.train_vae, cfg, data)
-        latents, encode_s = timed(build.encode_latents, cfg, data, vae_dir)
-        _, judge_s = timed(build.train_judge, cfg, data, latents)
-        _, reward_s = timed(build.train_reward, cfg, data, latents, tokenizer_dir)
-        _, teacher_s = timed(build.train_teacher, cfg, data, latents, vae_dir, tokenizer_dir)
+        updates: dict[str, list[float]] = {}
+        update = build._Trainer.update
 
-    per_step = {"vae": vae_s / steps["vae"], "judge": judge_s / steps["judge"],
-                "reward": reward_s / steps["reward"], "teacher": teacher_s / steps["teacher"]}
+        def recording_update(trainer, loss):
+            update(trainer, loss)
+            updates.setdefault(trainer.stage, []).append(time.perf_counter())
+
+        build._Trainer.update = recording_update
+        try:
+            data, render_s = timed(build.build_data, cfg)
+            vae_dir, _ = timed(build.train_vae, cfg, data)
+            latents, encode_s = timed(build.encode_latents, cfg, data, vae_dir)
+            build.train_judge(cfg, data, latents)
+            build.train_reward(cfg, data, latents, tokenizer_dir)
+            build.train_teacher(cfg, data, latents, vae_dir, tokenizer_dir)
+        finally:
+            build._Trainer.update = update
+
+    per_step = {stage: statistics.median(b - a for a, b in zip(t, t[1:])) for stage, t in updates.items()}
     # encode_latents encodes every image and decodes the first num_recon_images: scale both counts
     encode_per_image = encode_s / (PROBE_IMAGES + PROBE_RECON)
     projected = {

@@ -13,7 +13,7 @@ def test_projection_scales_each_stage_rate_by_the_default_build():
     spec = importlib.util.spec_from_file_location("toy_build_rates", ROOT / "benchmarks" / "toy_build_rates.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    result = bench.measure({"vae": 2, "judge": 2, "reward": 2, "teacher": 2})
+    result = bench.measure({"vae": 3, "judge": 3, "reward": 3, "teacher": 3})
     full = result["full_build"]
     for stage in ("vae", "judge", "reward", "teacher"):
         rate = result["seconds_per_step"][stage]
