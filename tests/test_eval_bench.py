@@ -117,16 +117,20 @@ def test_bench_speed_w_conditioned_student_uses_lcm_pipeline(tmp_path):
 
 
 def test_peak_memory_cpu():
+    import mmap
+
     mem = PeakMemory(torch.device("cpu"))
     mem.reset()
-    # 64 MiB, touched: above glibc's largest mmap threshold (32 MiB), so these are fresh pages
-    # rather than memory freed earlier in the test session and still resident.
-    block = torch.ones(64 * 2**20 // 4)
+    # 64 MiB of fresh anonymous pages, every page touched. (A tensor from malloc can reuse memory that
+    # earlier tests freed but the allocator kept resident, and then the resident set does not grow.)
+    block = mmap.mmap(-1, 64 * 2**20)
+    for offset in range(0, len(block), mmap.PAGESIZE):
+        block[offset] = 1
     peak = mem.peak_mb()
     assert peak >= mem.baseline_mb > 0
     if mem.kind == "rss_high_water_mark":
         assert peak - mem.baseline_mb > 32
-    del block
+    block.close()
 
 
 def test_sd15_unet_config_is_the_sd15_architecture():
