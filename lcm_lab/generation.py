@@ -43,6 +43,7 @@ def generate(
     original_inference_steps: int | None = None,
     timestep_scaling: float | None = None,
     image_size: int | None = None,
+    decode_chunk_size: int | None = None,
     truncate: bool = False,
     progress: bool = True,
     output: str = "images",
@@ -69,6 +70,9 @@ def generate(
             (an exported ``LCMScheduler`` records it) or 50.
         timestep_scaling: the LCM boundary scaling; default: the scheduler config the same way, or 10.
         image_size: side of the square images, a multiple of the VAE factor; default: the UNet's native size.
+        decode_chunk_size: images per VAE decode call; default: as many as make about one 1024 px image
+            (at most 64): 64 at 32-128 px, 4 at 512 px, 1 at 768 px and above.
+        truncate: cut prompts longer than the text encoder's context instead of raising.
         output: ``"images"`` (N, 3, H, W) in [0, 1] or ``"latents"``.
 
     Runs under ``torch.inference_mode``; the result is an ordinary tensor.
@@ -96,8 +100,11 @@ def generate(
         kwargs["timestep_scaling"] = float(timestep_scaling if timestep_scaling is not None
                                            else model.scheduler_config.get("timestep_scaling", 10.0))
     latent_shape = (model.latent_shape[0], image_size // factor, image_size // factor)
-    # A budget of about one 1024 px image per VAE decode call: large decodes are memory-bound.
-    decode_chunk = max(1, min(64, 2**20 // image_size**2))
+    if images is not None and tuple(images.shape[-2:]) != (image_size, image_size):
+        raise ValueError(f"init images are {tuple(images.shape[-2:])} px but the model generates {image_size} px; "
+                         "resize them (lcm_lab.imaging.load_images(..., size=...))")
+    # By default about one 1024 px image per VAE decode call: the decoder's activations dominate memory there.
+    decode_chunk = decode_chunk_size or max(1, min(64, 2**20 // image_size**2))
     w_cond = is_w_conditioned(model.unet)
     # inference_mode is cheaper than no_grad (no autograd version tracking).
     with torch.inference_mode():
@@ -112,7 +119,7 @@ def generate(
                 latents = noise
             else:
                 clean = model.codec.encode(images[chunk].to(device) * 2 - 1)
-                latents = noised_start(clean, schedule, timesteps[0], noise)
+                latents = noised_start(clean, schedule, timesteps[0], noise).to(dtype)
             timestep_cond, uncond = None, None
             if w_cond:
                 w = torch.full((len(cond),), guidance_scale - 1.0, device=device)

@@ -59,6 +59,26 @@ def test_every_trainable_parameter_changes_and_export_loads(tmp_path):
     assert torch.equal(dict(exported.named_parameters())[name], after[name].detach())
 
 
+def test_validation_grid_samples_with_the_objectives_lcm_grid_and_scaling(tmp_path):
+    import copy
+
+    from lcm_lab.generation import generate
+
+    # a tiny boundary scaling (c_skip = 0.5 at s * t = sigma_data) makes it visible in a 2-step sample
+    prompt = "a small red solid circle on the left, dark background"
+    task = run_lcd(tmp_path, 2, **{"train.validation_steps": 2, "validation.prompts": f'["{prompt}"]',
+                                   "validation.steps": "[2]", "objective.timestep_scaling": 0.001})
+    assert (tmp_path / "validation" / "step-000002.png").is_file()
+    images, n = task.validation_images()
+    assert n == 1 and images.shape == (1, 3, 32, 32)
+    view = copy.copy(task.ldm)
+    view.unet = task.final_unet().eval()
+    kwargs = {"sampler": "lcm", "steps": 2, "guidance_scale": task.config.validation.guidance_scale,
+              "original_inference_steps": task.config.objective.num_ddim_timesteps, "progress": False}
+    torch.testing.assert_close(images, generate(view, [prompt], [0], timestep_scaling=0.001, **kwargs), rtol=0, atol=0)
+    assert (images - generate(view, [prompt], [0], timestep_scaling=10.0, **kwargs)).abs().max() > 1e-3
+
+
 def test_resume_continues_to_the_same_weights(tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     run_lcd(full, 4)

@@ -132,6 +132,13 @@ def test_sdxl_dir_detection_and_missing_parts(teacher_dir, tmp_path):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     plain = generate(model, [PROMPT], [5], sampler="lcm", steps=2, image_size=R, guidance_scale=1.0)
     assert (plain - got).abs().max() > 1e-4
+    # prompts are checked as for SD: over-long ones are an error unless truncated, empty ones always
+    long_prompt = " ".join(["red"] * 100)
+    with pytest.raises(ValueError, match="tokens, more than"):
+        generate(model, [long_prompt], [5], sampler="lcm", steps=1, image_size=R)
+    assert generate(model, [long_prompt], [5], sampler="lcm", steps=1, image_size=R, truncate=True).shape == got.shape
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(model, [" "], [5], sampler="lcm", steps=1, image_size=R)
     # `lcm-lab sample` takes SDXL folders too (the folder's native size here is R)
     import numpy as np
     from PIL import Image

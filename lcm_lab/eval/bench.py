@@ -380,7 +380,7 @@ def bench_speed(model_path: str | os.PathLike | None = None, *, sd15_random: boo
 
         def ours():
             return generate(ldm, batch_prompts, seeds, sampler=sampler, steps=steps, guidance_scale=guidance,
-                            gamma=gamma, batch_size=batch_size, progress=False)
+                            gamma=gamma, batch_size=batch_size, decode_chunk_size=batch_size, progress=False)
 
         def theirs():
             gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]

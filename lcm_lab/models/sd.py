@@ -32,10 +32,21 @@ def toy_teacher_dir() -> Path:
 
 class LDMParts:
     """What every loaded LDM (SD 1.x/2.x :class:`LatentDiffusionModel`, SDXL
-    :class:`~lcm_lab.models.sdxl.SDXLModel`) derives from its ``unet`` and ``vae``."""
+    :class:`~lcm_lab.models.sdxl.SDXLModel`) has: networks, schedule, conditioning, and what follows from them.
+    :func:`lcm_lab.generation.generate` needs nothing else."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
+    schedule: NoiseSchedule
+    scheduler_config: dict
+
+    def conditioning(self, prompts: list[str], truncate: bool = False, image_size: int | None = None):
+        """The :class:`~lcm_lab.objectives.lcd.Conditioning` of ``prompts`` for generating ``image_size`` px."""
+        raise NotImplementedError
+
+    def unconditional(self, cond):
+        """The unconditional branch of classifier-free guidance for ``cond`` (batch 1 or ``len(cond)``)."""
+        raise NotImplementedError
 
     @property
     def codec(self) -> LatentCodec:
@@ -81,13 +92,13 @@ class LatentDiffusionModel(LDMParts):
         return encode_prompts(self.tokenizer, self.text_encoder, prompts, allow_empty, truncate)
 
     def conditioning(self, prompts: list[str], truncate: bool = False, image_size: int | None = None):
-        """The UNet conditioning of ``prompts`` for generation (``image_size`` is for SDXL; unused here)."""
+        """Text embeddings of ``prompts`` (``image_size`` is SDXL's micro-conditioning; unused here)."""
         from ..objectives.lcd import Conditioning
 
         return Conditioning(self.encode_prompts(prompts, truncate=truncate))
 
     def unconditional(self, cond):
-        """The unconditional branch of classifier-free guidance: the embedding of ``""`` (batch 1)."""
+        """The embedding of ``""`` (batch 1), whatever ``cond``."""
         from ..objectives.lcd import Conditioning
 
         return Conditioning(self.encode_prompts([""], allow_empty=True))
@@ -146,19 +157,28 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], allow_empty: boo
     Prompts longer than the tokenizer's context are an error unless ``truncate``: silently
     dropping words, as the stock pipeline does after a warning, changes what is generated.
     """
+    prompts = check_prompts(tokenizer, prompts, allow_empty, truncate)
+    max_len = tokenizer.model_max_length
+    ids = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+def check_prompts(tokenizer, prompts: str | list[str], allow_empty: bool = False, truncate: bool = False) -> list[str]:
+    """``prompts`` as a list, or a clear error for no prompts, an empty prompt (unless ``allow_empty``) or a
+    prompt longer than ``tokenizer``'s context (unless ``truncate``): silently dropping words, as the stock
+    pipelines do after a warning, changes what is generated."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
     if not allow_empty and any(not p.strip() for p in prompts):
         raise ValueError("empty prompt; give some text (the unconditional branch of guidance uses '' internally)")
-    max_len = tokenizer.model_max_length
     if not truncate:
+        max_len = tokenizer.model_max_length
         for p in prompts:
             n = len(tokenizer(p).input_ids)
             if n > max_len:
                 raise ValueError(f"prompt has {n} tokens, more than the model's {max_len}: {p[:80]!r}... "
                                  "Shorten it or pass truncate=True (--truncate on the CLI).")
-    ids = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True,
-                    return_tensors="pt").input_ids.to(text_encoder.device)
-    with torch.no_grad():
-        return text_encoder(ids)[0]
+    return prompts

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ..core.schedules import NoiseSchedule
-from .sd import LDMParts, check_pipeline_dir
+from .sd import LDMParts, check_pipeline_dir, check_prompts
 from ..objectives.lcd import Conditioning
 
 __all__ = [
@@ -257,13 +257,16 @@ class SDXLModel(LDMParts):
     scheduler_config: dict
     path: Path
 
-    def conditioning(self, prompts: Sequence[str], truncate: bool = True, image_size: int | None = None
+    def conditioning(self, prompts: Sequence[str], truncate: bool = False, image_size: int | None = None
                      ) -> Conditioning:
         """Generation conditioning: ``text.encode`` with ``original_size = target_size = (R, R)`` and no crop,
-        ``R = image_size`` (default :attr:`image_size`), as ``StableDiffusionXLPipeline`` does. Over-long
-        prompts are truncated to the tokenizers' context, as that pipeline does."""
+        ``R = image_size`` (default :attr:`image_size`), as ``StableDiffusionXLPipeline`` does. Empty prompts,
+        and prompts longer than either tokenizer's context unless ``truncate``, are errors, as for SD
+        (:func:`~lcm_lab.models.sd.check_prompts`)."""
+        for tokenizer in self.text.tokenizers:
+            prompts = check_prompts(tokenizer, prompts, truncate=truncate)
         r = image_size or self.image_size
-        return self.text.encode(list(prompts), original_size=(r, r), crop_top_left=(0, 0), target_size=(r, r))
+        return self.text.encode(prompts, original_size=(r, r), crop_top_left=(0, 0), target_size=(r, r))
 
     def unconditional(self, cond: Conditioning) -> Conditioning:
         """Zero text and pooled embeddings (batch 1, SDXL's ``force_zeros_for_empty_prompt``) with ``cond``'s

@@ -20,7 +20,7 @@
       image = pipe(prompt, num_inference_steps=4, guidance_scale=1.0).images[0]
 
   A LoRA student has no w-embedding; ``guidance_scale`` > 1 there means ordinary CFG on top.
-  For an SDXL UNet pass ``sdxl=True`` and use ``StableDiffusionXLPipeline`` the same way.
+  An SDXL adapter is the same file; load it with ``StableDiffusionXLPipeline`` the same way.
 - :func:`export_lcm_sdxl_pipeline`: a w-conditioned SDXL student as a stock ``StableDiffusionXLPipeline`` folder
   with an ``LCMScheduler`` (the form of diffusers' LCM-SDXL; the SDXL pipeline embeds ``guidance_scale - 1``
   when ``unet.config.time_cond_proj_dim`` is set).

@@ -129,8 +129,8 @@ class _Trainer:
                 self.ema = state["ema"]
             self.step = int(state["step"])
             print(f"[{stage}] resuming from step {self.step}")
-        if self.ema is not None:  # state_dict() tensors share storage with the model: pair them once
-            live = model.state_dict()
+        if self.ema is not None:  # pair each shadow with the model's own parameter or buffer, once
+            live = model.state_dict(keep_vars=True)
             floats = [k for k, v in live.items() if v.dtype.is_floating_point]
             self._ema_floats = ([self.ema[k] for k in floats], [live[k] for k in floats])
             self._ema_others = [(self.ema[k], v) for k, v in live.items() if not v.dtype.is_floating_point]
