@@ -200,8 +200,6 @@ def train_vae(cfg: BuildConfig, data: dict) -> Path:
     final = Path(cfg.work_dir) / "vae"
     if final.exists():
         return final
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(cfg.seed)
     vae = models.build_vae()
     trainer = _Trainer(cfg, "vae", vae, cfg.vae_lr, cfg.vae_steps)
