@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def toy_teacher_dir() -> Path:
     return assets_dir() / "toy" / "teacher"
 
 
-class LDMParts:
+class LDMParts(ABC):
     """What every loaded LDM (SD 1.x/2.x :class:`LatentDiffusionModel`, SDXL
     :class:`~lcm_lab.models.sdxl.SDXLModel`) has: networks, schedule, conditioning, and what follows from them.
     :func:`lcm_lab.generation.generate` needs nothing else."""
@@ -40,13 +41,13 @@ class LDMParts:
     schedule: NoiseSchedule
     scheduler_config: dict
 
+    @abstractmethod
     def conditioning(self, prompts: list[str], truncate: bool = False, image_size: int | None = None):
         """The :class:`~lcm_lab.objectives.lcd.Conditioning` of ``prompts`` for generating ``image_size`` px."""
-        raise NotImplementedError
 
+    @abstractmethod
     def unconditional(self, cond):
         """The unconditional branch of classifier-free guidance for ``cond`` (batch 1 or ``len(cond)``)."""
-        raise NotImplementedError
 
     @property
     def codec(self) -> LatentCodec:

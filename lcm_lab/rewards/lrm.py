@@ -204,12 +204,18 @@ def pairwise_kl_loss(expert_scores: torch.Tensor, lrm_scores: torch.Tensor, logi
                          f"and {tuple(lrm_scores.shape)}")
     pairs = _pairs(expert_scores.shape[0])
     i, j = [p[0] for p in pairs], [p[1] for p in pairs]
-    dtype = torch.promote_types(lrm_scores.dtype, torch.float32)  # at least float32
-    expert = logit_scale * torch.stack([expert_scores[i], expert_scores[j]], dim=-1).detach().to(dtype)  # [P, n, 2]
-    lrm = logit_scale * torch.stack([lrm_scores[i], lrm_scores[j]], dim=-1).to(dtype)
-    log_p, log_q = expert.log_softmax(-1), lrm.log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [P, n]
-    return kl.sum(0).mean()
+    expert = torch.stack([expert_scores[i], expert_scores[j]], dim=-1)  # [P, n, 2]
+    lrm = torch.stack([lrm_scores[i], lrm_scores[j]], dim=-1)
+    return _softmax_kl(expert, lrm, logit_scale, dim=-1).sum(0).mean()
+
+
+def _softmax_kl(expert: torch.Tensor, lrm: torch.Tensor, logit_scale: float, dim: int) -> torch.Tensor:
+    """``KL(softmax(s * expert) || softmax(s * lrm))`` along ``dim``, in at least float32; the expert's scores
+    are constants."""
+    dtype = torch.promote_types(lrm.dtype, torch.float32)
+    log_p = (logit_scale * expert.detach().to(dtype)).log_softmax(dim)
+    log_q = (logit_scale * lrm.to(dtype)).log_softmax(dim)
+    return (log_p.exp() * (log_p - log_q)).sum(dim)
 
 
 def listwise_kl_loss(expert_matrix: torch.Tensor, lrm_matrix: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
@@ -224,14 +230,7 @@ def listwise_kl_loss(expert_matrix: torch.Tensor, lrm_matrix: torch.Tensor, logi
     if expert_matrix.shape != lrm_matrix.shape or expert_matrix.ndim != 2:
         raise ValueError(f"expected two [n_latents, n_prompts] matrices, got {tuple(expert_matrix.shape)} "
                          f"and {tuple(lrm_matrix.shape)}")
-    dtype = torch.promote_types(lrm_matrix.dtype, torch.float32)
-    expert = logit_scale * expert_matrix.detach().to(dtype)
-    lrm = logit_scale * lrm_matrix.to(dtype)
-    loss = lrm.new_zeros(())
-    for dim in (0, 1):
-        log_p, log_q = expert.log_softmax(dim), lrm.log_softmax(dim)
-        loss = loss + (log_p.exp() * (log_p - log_q)).sum(dim).mean()
-    return loss
+    return sum(_softmax_kl(expert_matrix, lrm_matrix, logit_scale, dim).mean() for dim in (0, 1))
 
 
 @torch.no_grad()

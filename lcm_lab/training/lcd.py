@@ -18,7 +18,6 @@ stock ``StableDiffusionXLPipeline`` folder with an ``LCMScheduler`` (full) or an
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 from dataclasses import dataclass, field
@@ -243,13 +242,12 @@ class LCDTask:
         view.unet.eval()
         seeds = [vcfg.seed + i for i in range(len(prompts))]
         guidance = 1.0 if self.config.model.lora else vcfg.guidance_scale
-        # SD: autocast lets half-precision text embeddings meet the float32 student; SDXL's VAE must decode in
-        # float32, so it runs without.
-        with contextlib.nullcontext() if self.sdxl else self.accelerator.autocast():
-            rows = [generate(view, prompts, seeds, sampler="lcm", steps=s, guidance_scale=guidance,
-                             original_inference_steps=ocfg.num_ddim_timesteps, timestep_scaling=ocfg.timestep_scaling,
-                             image_size=self.config.data.resolution if self.sdxl else None, progress=False)
-                    for s in vcfg.steps]
+        # No autocast: generate() casts the (possibly half-precision) text embeddings to the student's dtype, so
+        # the grid shows the float32 model that is exported, and SDXL's VAE decodes in its own dtype.
+        rows = [generate(view, prompts, seeds, sampler="lcm", steps=s, guidance_scale=guidance,
+                         original_inference_steps=ocfg.num_ddim_timesteps, timestep_scaling=ocfg.timestep_scaling,
+                         image_size=self.config.data.resolution, progress=False)
+                for s in vcfg.steps]
         view.unet.train(was_training)
         return torch.cat(rows).float().cpu(), len(prompts)
 
