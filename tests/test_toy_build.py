@@ -84,3 +84,26 @@ def test_trainer_update_is_bit_identical_to_the_per_tensor_loop(tmp_path):
     assert ours.keys() == ema.keys() and all(torch.equal(ours[k], ema[k]) for k in ema)
     assert int(ours["count"]) == 6
     assert not torch.equal(ours["0.weight"], ref.state_dict()["0.weight"])  # the EMA lags, so it is a real check
+
+
+def test_min_snr_weight_matches_the_formula():
+    """Min-SNR-gamma for eps-prediction (Hang et al. 2023): w = min(SNR, gamma) / SNR, SNR = abar / (1 - abar)."""
+    import torch
+
+    abar = torch.tensor([0.5, 10 / 11, 0.999, 0.01])  # SNR 1, 10, 999, 1/99
+    w = build._min_snr_weight(abar, 5.0)
+    expected = torch.tensor([1.0, 0.5, 5 / 999, 1.0])
+    assert torch.allclose(w, expected, rtol=1e-4, atol=0)  # float32 abar near 1: SNR 999.01
+
+
+def test_teacher_snr_gamma_changes_only_the_teacher(tmp_path):
+    plain, weighted = tiny(tmp_path / "plain"), tiny(tmp_path / "snr", teacher_snr_gamma=5.0)
+    build_all(plain)
+    build_all(weighted)
+    unet = "teacher/unet/diffusion_pytorch_model.safetensors"
+    wa, wb = weights(plain, unet), weights(weighted, unet)
+    assert any(not (wa[k] == wb[k]).all() for k in wa)  # the weighting reached the teacher's gradients
+    for part in ("teacher/vae/diffusion_pytorch_model.safetensors", "judge/model.safetensors",
+                 "reward/open_clip_model.safetensors"):
+        wa, wb = weights(plain, part), weights(weighted, part)
+        assert all((wa[k] == wb[k]).all() for k in wa), part

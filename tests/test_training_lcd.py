@@ -141,6 +141,18 @@ def test_unknown_and_bad_config_keys_are_errors(tmp_path):
     assert cfg.objective.w_min == 2.0 and cfg.train.learning_rate == 3e-4
 
 
+def test_yaml_booleans_are_only_true_and_false(tmp_path):
+    """`mixed_precision: no` (accelerate's spelling) is the string "no", not YAML 1.1's False."""
+    cfg = load_method_config("lcd", None, ["train.mixed_precision=no", "train.progress=false"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.progress is False
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  mixed_precision: no\n  channels_last: False\n")
+    cfg = load_method_config("lcd", path)
+    assert cfg.train.mixed_precision == "no" and cfg.train.channels_last is False
+    with pytest.raises(ConfigError, match="must be bool"):
+        load_method_config("lcd", None, ["train.progress=off"])
+
+
 def test_cli_rejects_unknown_key(capsys):
     from lcm_lab.cli import main
 

@@ -49,6 +49,7 @@ class BuildConfig:
     teacher_batch: int = 64
     teacher_lr: float = 5e-4
     teacher_warmup: int = 200
+    teacher_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 = plain MSE
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     reward_steps: int = 600
@@ -267,6 +268,15 @@ def _text_embeddings(captions: list[str], tokenizer, text_encoder) -> torch.Tens
         return torch.cat([text_encoder(chunk)[0] for chunk in ids.split(512)])
 
 
+def _min_snr_weight(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weight of an eps-prediction loss: min(SNR, gamma) / SNR with SNR = abar / (1 - abar)
+    (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"). It stops the
+    nearly noise-free timesteps, whose targets are easy and whose gradients conflict with the rest, from
+    dominating training."""
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / snr
+
+
 def train_teacher(cfg: BuildConfig, data: dict, latents: dict, vae_dir: Path, tokenizer_dir: Path) -> Path:
     """The teacher: eps-prediction UNet on VAE latents with SD's scaled_linear DDPM schedule,
     conditioned on a frozen CLIP text encoder, with caption dropout (for classifier-free
@@ -302,7 +312,11 @@ def train_teacher(cfg: BuildConfig, data: dict, latents: dict, vae_dir: Path, to
         abar = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
         pred = unet(xt, t, embeddings[cond]).sample
-        loss = F.mse_loss(pred, noise)
+        if cfg.teacher_snr_gamma > 0:
+            loss = (_min_snr_weight(abar.flatten(), cfg.teacher_snr_gamma)
+                    * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
+        else:
+            loss = F.mse_loss(pred, noise)
         trainer.update(loss)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
