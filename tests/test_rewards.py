@@ -143,6 +143,19 @@ def test_preprocess_longest_pads_like_hps():
         preprocess_images(images[0], 32)
 
 
+def test_antialiased_preprocess_matches_pil_bicubic():
+    """Metrics resize like the PIL pipelines the models were published with; the plain resize does not."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(4)
+    images = F.interpolate(torch.rand(1, 3, 32, 32, generator=g), size=128, mode="bilinear").clamp(0, 1)
+    pil = Image.fromarray((images[0].permute(1, 2, 0) * 255).round().byte().numpy()).resize((32, 32), Image.BICUBIC)
+    ref = _normalise(torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255)
+    quantised = (images * 255).round() / 255
+    err = {aa: (preprocess_images(quantised, 32, antialias=aa) - ref).abs().mean().item() for aa in (True, False)}
+    assert err[True] < 0.02 < err[False]
+
+
 # ----------------------------------------------------------------------------- CLIP score / HPSv2
 
 
@@ -250,6 +263,15 @@ def test_pickscore_matches_raw_model(pickscore_dir):
 # ----------------------------------------------------------------------------- aesthetic
 
 
+def test_eval_metrics_resize_with_antialiasing(open_clip_dir, hps_checkpoint):
+    from lcm_lab.eval.clip_metrics import load_clip_metric, load_hps_metric
+
+    assert load_clip_metric(checkpoint=open_clip_dir).preprocess.antialias
+    assert load_hps_metric(hps_checkpoint / "HPS_v2.1_compressed.pt",
+                           arch=str(hps_checkpoint / "tiny_arch.json")).preprocess.antialias
+    assert not load_reward("clip", checkpoint=open_clip_dir).preprocess.antialias  # training default: plain
+
+
 def test_aesthetic_head_and_clip_match_raw_models(tmp_path, open_clip_dir, open_clip_raw):
     torch.manual_seed(3)
     mlp = torch.nn.Sequential(torch.nn.Linear(16, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
@@ -265,6 +287,10 @@ def test_aesthetic_head_and_clip_match_raw_models(tmp_path, open_clip_dir, open_
     torch.testing.assert_close(reward(images, None), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(reward(images, PROMPTS), expected, atol=1e-5, rtol=1e-5)  # prompts are ignored
     _check_gradients(reward, prompts=None)
+    half = load_reward("aesthetic", head=tmp_path, clip_checkpoint=open_clip_dir, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in half.head.parameters())  # the head runs in float32, as upstream
+    with torch.no_grad():
+        torch.testing.assert_close(half(images, None), mlp(half.image_features(images)).squeeze(-1), atol=1e-6, rtol=0)
 
     wrong = tmp_path / "wrong"
     wrong.mkdir()

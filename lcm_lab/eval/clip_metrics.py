@@ -7,7 +7,10 @@
   x 100 per style (anime, concept-art, paintings, photo) and their average.
 
 The scores themselves are never re-implemented here: this module loads the reward models and
-aggregates their per-image outputs.
+aggregates their per-image outputs. As metrics they resize with antialiasing, as the PIL
+preprocessing the models were published with (rewards used for training default to the cheaper
+plain resize). The CLIP score clamps each pair at 0, as Hessel et al.; torchmetrics' ``CLIPScore``
+clamps the mean instead (the same value unless some cosines are negative).
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ def load_clip_metric(toy: bool = False, checkpoint: str | os.PathLike | RewardMo
     if isinstance(checkpoint, RewardModel):
         return checkpoint.to(device)
     if toy:
-        return ToyCLIPReward(path=checkpoint, device=device)
-    return CLIPScoreReward(checkpoint=checkpoint, arch=arch, device=device)
+        return ToyCLIPReward(path=checkpoint, device=device, antialias=True)
+    return CLIPScoreReward(checkpoint=checkpoint, arch=arch, device=device, antialias=True)
 
 
 def load_hps_metric(checkpoint: str | os.PathLike | RewardModel | None = None, version: str = "v2.1",
@@ -47,7 +50,7 @@ def load_hps_metric(checkpoint: str | os.PathLike | RewardModel | None = None, v
     ``$LCM_LAB_HPS_CHECKPOINT``), or an already loaded reward model."""
     if isinstance(checkpoint, RewardModel):
         return checkpoint.to(device)
-    return HPSv2Reward(checkpoint=checkpoint, version=version, arch=arch, device=device)
+    return HPSv2Reward(checkpoint=checkpoint, version=version, arch=arch, device=device, antialias=True)
 
 
 @torch.no_grad()

@@ -149,7 +149,9 @@ class _Features(torch.nn.Module):
 
 @contextlib.contextmanager
 def _seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
+    # manual_seed also reseeds every CUDA generator: fork (and restore) those too.
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
 

@@ -97,7 +97,7 @@ class AestheticReward(RewardModel):
             raise ValueError(f"aesthetic head {head_path} expects {mlp.input_size}-d CLIP embeddings but the CLIP "
                              f"model {clip_path} produces {embed_dim}-d ones (the head needs CLIP ViT-L/14)")
         self.clip = clip.to(device=device, dtype=dtype)
-        self.head = mlp.to(device=device, dtype=dtype)
+        self.head = mlp.to(device=device, dtype=torch.float32)  # the reference runs the head in float32
         self.preprocess = open_clip_preprocessor(clip, antialias)
         self.input_size = self.preprocess.size
         self.head_path, self.clip_checkpoint = Path(head_path), Path(clip_path)
@@ -109,5 +109,4 @@ class AestheticReward(RewardModel):
         return F.normalize(self.clip.encode_image(pixels).float(), dim=-1)
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        embeddings = self.image_features(images).to(self.dtype)
-        return self.head(embeddings).squeeze(-1)
+        return self.head(self.image_features(images)).squeeze(-1)

@@ -86,6 +86,7 @@ class ImageRewardReward(RewardModel):
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=False)  # as ImageReward.load(): the checkpoint omits unused heads
         self.model = model.to(device=device, dtype=as_dtype(dtype))
+        self.model.mlp.float()  # ImageReward scores its [CLS] feature in float32 whatever the backbone's dtype
         self.model.device = torch.device(device)
         self.preprocess = ImagePreprocessor(224)  # ImageReward's _transform(224): OpenAI CLIP statistics
         self.input_size = 224
@@ -103,6 +104,6 @@ class ImageRewardReward(RewardModel):
         text = blip.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask,
                                  encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, return_dict=True)
         features = text.last_hidden_state[:, 0, :]
-        rewards = self.model.mlp(features).squeeze(-1).float()
+        rewards = self.model.mlp(features.float()).squeeze(-1)  # the head in float32, as the reference
         rewards = (rewards - self.model.mean) / self.model.std
         return rewards.clamp(max=self.clip_max) if self.clip_max is not None else rewards
