@@ -37,6 +37,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .models.sdxl import is_sdxl_dir, load_sdxl
 
     prompts = args.prompt
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     model = load_sdxl(args.model) if is_sdxl_dir(args.model) else load_ldm(args.model)
     images = None
     if args.image:
@@ -53,7 +55,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                    guidance_scale=guidance, images=images, strength=args.strength,
                    truncate=args.truncate, gamma=args.gamma)
     path = _save_png(out, Path(args.out), nrow=args.num_images if len(out) > 1 else None)
-    steps = args.steps or DEFAULT_STEPS[args.sampler]
+    steps = DEFAULT_STEPS[args.sampler] if args.steps is None else args.steps
     print(f"wrote {len(out)} image(s) ({args.sampler}, {steps} steps, guidance {guidance}) to {path}")
     return 0
 
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:  # messages written for the user
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,8 @@ is the same whatever the batch size or the other prompts in its batch (EDM's
 
 from __future__ import annotations
 
+import math
+
 import time
 from collections.abc import Sequence
 
@@ -79,6 +81,14 @@ def generate(
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    if not prompts:
+        raise ValueError("no prompts: nothing to generate")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if images is None and strength != 1.0:
@@ -89,7 +99,7 @@ def generate(
     image_size = image_size or model.image_size
     if image_size % factor:
         raise ValueError(f"image size {image_size} is not a multiple of the VAE's scale factor {factor}")
-    steps = steps or DEFAULT_STEPS[sampler]
+    steps = DEFAULT_STEPS[sampler] if steps is None else steps
     schedule, device, dtype = model.schedule, model.device, next(model.unet.parameters()).dtype
     if original_inference_steps is None:
         original_inference_steps = int(model.scheduler_config.get("original_inference_steps", 50))

@@ -432,6 +432,26 @@ def test_missing_weights_name_file_source_and_env(tmp_path, monkeypatch):
         load_reward("toy-clip", path=tmp_path)
 
 
+def test_corrupt_weight_files_name_the_file(tmp_path, open_clip_dir, hps_checkpoint):
+    hps = tmp_path / "HPS_v2.1_compressed.pt"
+    hps.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match=r"cannot read HPS v2.1 checkpoint .*HPS_v2.1_compressed.pt") as info:
+        HPSv2Reward(checkpoint=hps, arch=str(hps_checkpoint / "tiny_arch.json"))
+    assert "weights_only=False" not in str(info.value)  # torch's hint is not the fix for a corrupt file
+    head = tmp_path / "head" / "sac+logos+ava1-l14-linearMSE.pth"
+    head.parent.mkdir()
+    head.write_bytes(b"")
+    with pytest.raises(ValueError, match="cannot read aesthetic-predictor head .*linearMSE.pth"):
+        AestheticReward(head=head, clip_checkpoint=open_clip_dir)
+    broken = tmp_path / "clip"
+    broken.mkdir()
+    for f in open_clip_dir.iterdir():
+        data = f.read_bytes()
+        (broken / f.name).write_bytes(data[:len(data) // 2] if f.suffix == ".safetensors" else data)
+    with pytest.raises(ValueError, match=f"cannot read open_clip model folder {broken}"):
+        CLIPScoreReward(broken)
+
+
 def test_imagereward_optional_dependency():
     if importlib.util.find_spec("ImageReward") is None:
         with pytest.raises(ImportError, match="pip install image-reward"):

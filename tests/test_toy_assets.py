@@ -71,6 +71,28 @@ def test_judge_reads_real_images():
     assert min(v for k, v in acc.items() if k.startswith("acc_")) >= 0.97, acc
 
 
+def test_corrupt_model_files_name_the_file(tmp_path):
+    import shutil
+
+    from lcm_lab.models.sd import load_ldm
+    from lcm_lab.toy.judge import AttributeJudge
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(toy_teacher_dir(), teacher)
+    (teacher / "text_encoder" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="cannot read text encoder .*text_encoder"):
+        load_ldm(teacher)
+    shutil.copytree(toy_teacher_dir() / "text_encoder", teacher / "text_encoder", dirs_exist_ok=True)
+    (teacher / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read scheduler config .*scheduler_config.json"):
+        load_ldm(teacher)
+    judge = tmp_path / "judge"
+    shutil.copytree(toy_teacher_dir().parent / "judge", judge)
+    (judge / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError, match="cannot read toy judge folder"):
+        AttributeJudge.from_pretrained(judge)
+
+
 def test_reward_model_loads_with_open_clip_and_prefers_matching_captions():
     import open_clip
 
@@ -109,7 +131,9 @@ def test_cli_sample_writes_png_and_rejects_bad_input(tmp_path, capsys):
     capsys.readouterr()
     for bad in (["--prompt", " "], ["--prompt", PROMPT, "--sampler", "lcm", "--steps", "60"],
                 ["--prompt", PROMPT, "--strength", "0.5"], ["--prompt", "word " * 60],
-                ["--prompt", PROMPT, "--image", str(tmp_path / "missing.png"), "--strength", "0.5"]):
+                ["--prompt", PROMPT, "--image", str(tmp_path / "missing.png"), "--strength", "0.5"],
+                ["--prompt", PROMPT, "--sampler", "lcm", "--steps", "0"], ["--prompt", PROMPT, "--num-images", "0"],
+                ["--prompt", PROMPT, "--guidance", "nan"]):
         assert main(["sample", *bad, "--out", str(tmp_path / "bad.png")]) == 2
         assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()

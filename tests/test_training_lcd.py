@@ -93,6 +93,19 @@ def test_resume_continues_to_the_same_weights(tmp_path):
         assert not diffs, f"{sub}: {len(diffs)} tensors differ after resume, e.g. {diffs[:3]}"
 
 
+def test_corrupt_or_incomplete_checkpoint_names_the_folder(tmp_path):
+    run_lcd(tmp_path, 2)
+    ckpt = tmp_path / "checkpoints" / "checkpoint-2"
+    resume = {"train.resume_from_checkpoint": "latest"}
+    (ckpt / "extra" / "target_ema.safetensors").unlink()  # the task's own state is checked too
+    with pytest.raises(RuntimeError, match=r"cannot resume from .*checkpoint-2: KeyError: .*target_ema"):
+        run_lcd(tmp_path, 4, **resume)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match=r"cannot resume from .*checkpoint-2.*Delete that folder"):
+        run_lcd(tmp_path, 4, **resume)
+
+
 def test_lora_only_adapters_train_and_export(tmp_path):
     task = run_lcd(tmp_path, 2, config="configs/toy/lcd_lora.yaml", **{"model.lora_rank": 4, "model.lora_alpha": 4})
     trainable = [n for n, p in task.student.named_parameters() if p.requires_grad]
@@ -177,6 +190,25 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert task.skipped == expected
 
 
+def test_a_wholly_unreadable_batch_is_skipped_and_counted(tmp_path):
+    from lcm_lab.toy.world import ToyWorld
+
+    folder = ToyWorld(0, "train").write_folder(tmp_path / "data", n=4)
+    files = sorted(folder.glob("*.png"))
+    files[0].write_bytes(b"not a png")
+    folder_opts = {"data.type": "folder", "data.path": str(folder), "data.cache_latents": False,
+                   "train.batch_size": 1}
+    drawn = [StepBatchSampler(4, 1, 0, 0).batch(step)[0] for step in range(8)]
+    steps = drawn.index(0) + 2  # the run meets the bad file, then one more step
+    task = run_lcd(tmp_path / "run", steps, **folder_opts)
+    assert task.skipped == drawn[:steps + 1].count(0) >= 1
+    assert (tmp_path / "run" / "final" / "pipeline").is_dir()
+    for f in files[1:]:
+        f.write_bytes(b"not a png either")
+    with pytest.raises(ValueError, match="no readable image"):
+        run_lcd(tmp_path / "bad", 2, **folder_opts)
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoints(tmp_path, monkeypatch):
     cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", tiny_overrides(tmp_path, 4))
     task = LCDTask(cfg)
@@ -194,6 +226,15 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoints(tmp_path, monkeyp
     ckpts = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     assert ckpts == ["checkpoint-2"]
     assert json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "lcm_lab_state.json").read_text())["step"] == 2
+
+
+def test_blown_up_weights_are_not_checkpointed(tmp_path):
+    overrides = tiny_overrides(tmp_path, 4, **{"train.checkpointing_steps": 1, "train.learning_rate": 1e38,
+                                               "train.max_grad_norm": 0})
+    cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", overrides)
+    with pytest.raises(FloatingPointError, match="non-finite student weights after step 1: not saved"):
+        train(cfg.train, LCDTask(cfg))
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
 def test_two_cpu_ranks_keep_identical_parameters(tmp_path):

@@ -397,9 +397,11 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
     else:
         ldm = load_ldm(model, device=device or _default_device())
     device = ldm.device
-    steps = steps or DEFAULT_STEPS.get(sampler)
-    if steps is None:
-        raise ValueError(f"unknown sampler {sampler!r}")
+    if sampler not in DEFAULT_STEPS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(DEFAULT_STEPS)}")
+    steps = DEFAULT_STEPS[sampler] if steps is None else steps
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 

@@ -17,6 +17,7 @@ import torch
 
 from ..core.latents import LatentCodec
 from ..core.schedules import NoiseSchedule
+from ..readable import reading
 
 ASSETS_ENV = "LCM_LAB_ASSETS"
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -138,11 +139,16 @@ def load_ldm(path: str | os.PathLike | None = None, device: str | torch.device =
     from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = check_pipeline_dir(path if path is not None else toy_teacher_dir())
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    with reading(folder / "unet", "UNet"):
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+    with reading(folder / "vae", "VAE"):
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
+    with reading(folder / "text_encoder", "text encoder"):
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
+    with reading(folder / "tokenizer", "tokenizer"):
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    with reading(folder / "scheduler" / "scheduler_config.json", "scheduler config"):
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     for net in (unet, vae, text_encoder):
         net.to(device).eval().requires_grad_(False)
     return LatentDiffusionModel(unet, vae, text_encoder, tokenizer,

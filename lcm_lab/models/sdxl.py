@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 
 from ..core.schedules import NoiseSchedule
-from .sd import LDMParts, check_pipeline_dir, check_prompts
 from ..objectives.lcd import Conditioning
+from ..readable import reading
+from .sd import LDMParts, check_pipeline_dir, check_prompts
 
 __all__ = [
     "SDXL_TEXT_PARTS",
@@ -231,10 +232,11 @@ def load_sdxl_text(path: str | os.PathLike, device: str | torch.device = "cpu",
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = check_sdxl_dir(path, SDXL_TEXT_PARTS)
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-    tokenizer_2 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"))
-    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder_2"), dtype=dtype)
+    with reading(folder, "SDXL text encoders / tokenizers in"):
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"))
+        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder_2"), dtype=dtype)
     for enc in (text_encoder, text_encoder_2):
         enc.to(device).eval().requires_grad_(False)
     return SDXLText(tokenizer, tokenizer_2, text_encoder, text_encoder_2, folder)
@@ -299,12 +301,15 @@ def load_sdxl(path: str | os.PathLike, device: str | torch.device = "cpu",
     if not scheduler_file.is_file():
         raise FileNotFoundError(
             f"SDXL model folder {folder} lacks scheduler/scheduler_config.json. {_DOWNLOAD_HINT}")
-    scheduler_config = json.loads(scheduler_file.read_text())
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+    with reading(scheduler_file, "scheduler config"):
+        scheduler_config = json.loads(scheduler_file.read_text())
+    with reading(folder / "unet", "UNet"):
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
     if getattr(unet.config, "addition_embed_type", None) != "text_time":
         raise ValueError(f"{folder / 'unet'} is not an SDXL UNet (addition_embed_type must be 'text_time', got "
                          f"{unet.config.addition_embed_type!r})")
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
+    with reading(folder / "vae", "VAE"):
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
     for net in (unet, vae):
         net.to(device).eval().requires_grad_(False)
     text = load_sdxl_text(folder, device=device, dtype=dtype)

@@ -38,10 +38,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["export_lcm_pipeline", "export_lcm_sdxl_pipeline", "export_lora"]
+__all__ = ["export_lcm_pipeline", "export_lcm_sdxl_pipeline", "export_lora", "write_folder_atomically"]
 
 
-def _write_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` into ``<out>.partial-<pid>``, then move the result to ``out_dir``.
 
     An existing ``out_dir`` is moved aside (``<out>.old-<pid>``) only after ``write`` succeeded, the new
@@ -126,7 +126,7 @@ def _save_pipeline(out_dir, pipe, target_unet) -> Path:
         if target_unet is not None:
             target_unet.save_pretrained(tmp / "unet_target", safe_serialization=True)
 
-    return _write_atomically(out_dir, write)
+    return write_folder_atomically(out_dir, write)
 
 
 def export_lcm_pipeline(
@@ -284,4 +284,4 @@ def export_lora(out_dir: str | os.PathLike, unet_with_lora, adapter_name: str = 
             tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
         )
 
-    return _write_atomically(out_dir, write)
+    return write_folder_atomically(out_dir, write)

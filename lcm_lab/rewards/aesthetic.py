@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from ..readable import reading
 from .base import RewardModel, missing_weights, register, resolve_weights
 from .clip_score import as_dtype, load_open_clip, open_clip_preprocessor
 
@@ -48,7 +49,8 @@ class AestheticHead(torch.nn.Module):
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "AestheticHead":
         """Load ``sac+logos+ava1-l14-linearMSE.pth`` (or any head saved with the same keys)."""
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with reading(path, "aesthetic-predictor head"):
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
         if isinstance(state, Mapping) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, Mapping) or "layers.0.weight" not in state:

@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..readable import reading
 from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocessor, RewardModel, missing_weights, register,
                    resolve_weights)
 
@@ -155,7 +156,8 @@ def load_open_clip(checkpoint: str | os.PathLike, arch: str | os.PathLike | Mapp
             if not any(any(path.glob(f"*{ext}")) for ext in (".safetensors", ".bin", ".pth")):
                 raise FileNotFoundError(f"open_clip model folder {path} has open_clip_config.json but no weights "
                                         f"(expected one of {', '.join(OPEN_CLIP_WEIGHT_FILES[:3])})")
-            model = open_clip.create_model(f"local-dir:{path}")
+            with reading(path, "open_clip model folder"):
+                model = open_clip.create_model(f"local-dir:{path}")
             return model, open_clip.get_tokenizer(f"local-dir:{path}")
         weights = _weights_in_folder(path)
         if weights is None:
@@ -167,10 +169,12 @@ def load_open_clip(checkpoint: str | os.PathLike, arch: str | os.PathLike | Mapp
     if _is_torchscript(path):
         from open_clip import SimpleTokenizer
 
-        model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+        with reading(path, "OpenAI CLIP TorchScript file"):
+            model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
         return model, SimpleTokenizer(context_length=int(getattr(model, "context_length", 77)))
     model, tokenizer = create_open_clip(arch)
-    open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    with reading(path, f"open_clip checkpoint ({arch})"):
+        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
     return model, tokenizer
 
 

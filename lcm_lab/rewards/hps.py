@@ -16,6 +16,7 @@ from typing import Mapping
 
 import torch
 
+from ..readable import reading
 from .base import missing_weights, register, resolve_weights
 from .clip_score import OpenCLIPReward, create_open_clip, open_clip_preprocessor
 
@@ -64,7 +65,8 @@ class HPSv2Reward(OpenCLIPReward):
                                   HPS_CHECKPOINT_ENV, path)
         model, tokenizer = create_open_clip(arch)
         # torch.load(weights_only=True); the state dict may sit under "state_dict".
-        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        with reading(path, f"HPS {version} checkpoint"):
+            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
         super().__init__(model, tokenizer, open_clip_preprocessor(model, antialias, resize_mode="longest"),
                          device, dtype)
         self.version = version

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..readable import reading
 from .base import ImagePreprocessor, RewardModel, missing_weights, register, resolve_weights
 from .clip_score import as_dtype
 
@@ -83,8 +84,9 @@ class ImageRewardReward(RewardModel):
             raise FileNotFoundError(f"ImageReward: {med} not found; download {IMAGEREWARD_MED_CONFIG} from "
                                     f"{IMAGEREWARD_SOURCE} next to {IMAGEREWARD_FILE} or pass `med_config=...`")
         model = model_class(med_config=str(med), device="cpu")
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=False)  # as ImageReward.load(): the checkpoint omits unused heads
+        with reading(path, "ImageReward checkpoint"):
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            model.load_state_dict(state, strict=False)  # as ImageReward.load(): the checkpoint omits unused heads
         self.model = model.to(device=device, dtype=as_dtype(dtype))
         self.model.mlp.float()  # ImageReward scores its [CLS] feature in float32 whatever the backbone's dtype
         self.model.device = torch.device(device)

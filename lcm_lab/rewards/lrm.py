@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..readable import reading
+
 __all__ = ["LRM_ARCHS", "LatentRewardModel", "pairwise_kl_loss", "listwise_kl_loss", "pairwise_accuracy", "LRMTrainer",
            "pretrain_lrm"]
 
@@ -175,8 +177,9 @@ class LatentRewardModel(nn.Module):
         if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"{folder} is not an LRM folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}, "
                                     "as written by LatentRewardModel.save_pretrained / the rg_lcd export)")
-        model = cls(**json.loads((folder / CONFIG_NAME).read_text()))
-        model.load_state_dict(load_file(folder / WEIGHTS_NAME))
+        with reading(folder, "LRM folder"):
+            model = cls(**json.loads((folder / CONFIG_NAME).read_text()))
+            model.load_state_dict(load_file(folder / WEIGHTS_NAME))
         return model
 
 

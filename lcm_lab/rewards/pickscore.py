@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..readable import reading
 from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocessor, RewardModel, missing_weights, register,
                    resolve_weights)
 from .clip_score import as_dtype
@@ -103,7 +104,8 @@ class PickScoreReward(RewardModel):
             raise missing_weights("PickScore processor", "vocab.json + merges.txt (or tokenizer.json) and "
                                   "preprocessor_config.json (folder)", PROCESSOR_SOURCE, "processor_dir",
                                   PICKSCORE_PROCESSOR_ENV, proc_path)
-        model = CLIPModel.from_pretrained(str(model_path), local_files_only=True)
+        with reading(model_path, "PickScore model folder"):
+            model = CLIPModel.from_pretrained(str(model_path), local_files_only=True)
         self.model = model.to(device=device, dtype=as_dtype(dtype))
         self.tokenizer = AutoTokenizer.from_pretrained(str(proc_path), local_files_only=True)
         self.preprocess = processor_preprocessor(proc_path, int(model.config.vision_config.image_size), antialias)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..readable import reading
 from .world import ATTRIBUTE_NAMES, ATTRIBUTES
 
 CONFIG_NAME = "config.json"
@@ -82,6 +83,7 @@ class AttributeJudge(nn.Module):
                 raise FileNotFoundError(
                     f"judge file {folder / name} is missing; rebuild the toy assets with "
                     "`python scripts/build_toy_assets.py`")
-        model = cls(**json.loads((folder / CONFIG_NAME).read_text()))
-        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        with reading(folder, "toy judge folder"):
+            model = cls(**json.loads((folder / CONFIG_NAME).read_text()))
+            model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
         return model.eval()

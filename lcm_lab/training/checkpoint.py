@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,13 +76,14 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, extra: dict
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
-    """Restore accelerate's state from ``path``; return the step and the extra tensors."""
+def load_checkpoint(accelerator, path: Path, restore_extra: Callable[[dict], None]) -> int:
+    """Restore accelerate's state from ``path`` and hand the extra tensors to ``restore_extra``; return the
+    step. Any failure, the task's included (a missing or mis-shaped extra), names the checkpoint."""
     try:
         step = int(json.loads((path / "lcm_lab_state.json").read_text())["step"])
         accelerator.load_state(str(path))
-        extra = {p.stem: load_file(p) for p in sorted((path / "extra").glob("*.safetensors"))}
+        restore_extra({p.stem: load_file(p) for p in sorted((path / "extra").glob("*.safetensors"))})
     except Exception as e:  # a truncated or foreign file: say which checkpoint is broken
         raise RuntimeError(f"cannot resume from {path}: {type(e).__name__}: {e}. Delete that folder to resume "
                            "from the previous checkpoint, or start a new output_dir.") from e
-    return step, extra
+    return step

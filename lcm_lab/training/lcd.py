@@ -155,8 +155,20 @@ class LCDTask:
             for indices in sampler:
                 yield self.cache.batch(indices)
         else:
-            yield from make_dataloader(self.dataset, cfg.train.batch_size, cfg.train.seed, rank, start,
-                                       cfg.data.num_workers)
+            empty_in_a_row, epoch = 0, -(-len(self.dataset) // cfg.train.batch_size)
+            for batch in make_dataloader(self.dataset, cfg.train.batch_size, cfg.train.seed, rank, start,
+                                         cfg.data.num_workers):
+                if batch["text"]:
+                    empty_in_a_row = 0
+                    yield batch
+                    continue
+                # No readable image at all: count them and take the next batch in this step's place (a resumed
+                # run therefore sees the data order of an uninterrupted one only up to the first such batch).
+                self.skipped += batch["skipped"]
+                empty_in_a_row += 1
+                if empty_in_a_row >= epoch:
+                    raise ValueError(f"no readable image in {empty_in_a_row} batches in a row (an epoch of the "
+                                       f"{len(self.dataset)}-item dataset); check data.path")
 
     # ------------------------------------------------------------------ one step
     def _latents_and_text(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, list[str], int]:
@@ -192,8 +204,6 @@ class LCDTask:
         """Latents, captions and their conditioning of a batch; unreadable images are counted and dropped."""
         latents, texts, skipped = self._latents_and_text(batch, generator)
         self.skipped += skipped
-        if len(texts) == 0:
-            raise RuntimeError("a whole batch of images was unreadable; check the dataset")
         return latents, texts, self._encode_text(texts, generator)
 
     def loss(self, student, batch, generator):

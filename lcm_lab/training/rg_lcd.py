@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..objectives.rg_lcd import RGLCDConfig, RGLCDLoss, build_expert
+from ..pipelines.export import write_folder_atomically
 from ..rewards.lrm import LatentRewardModel, LRMTrainer, pretrain_lrm
 from .lcd import LCDRunConfig, LCDTask
 from .trainer import LoopConfig, step_generator, train
@@ -175,7 +176,7 @@ class RGLCDTask(LCDTask):
     def export(self, out_dir: Path) -> None:
         super().export(out_dir)
         if self.lrm is not None:
-            self.lrm.save_pretrained(out_dir / "lrm")
+            write_folder_atomically(out_dir / "lrm", self.lrm.save_pretrained)
 
 
 def train_rg_lcd(config: RGLCDRunConfig) -> Path:

@@ -218,8 +218,7 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
                 raise
             path = None
         if path is not None:
-            start, extra = load_checkpoint(accelerator, path)
-            task.load_extra_state(extra)
+            start = load_checkpoint(accelerator, path, task.load_extra_state)
             accelerator.print(f"resumed from {path} at step {start}")
 
     if accelerator.is_main_process:
@@ -260,6 +259,10 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
             accelerator.log(logs, step=done)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "grad_norm")})
         if done % cfg.checkpointing_steps == 0 or done == cfg.max_steps:
+            if not all(torch.isfinite(p).all() for p in params):  # a finite loss can still blow the weights up
+                raise FloatingPointError(
+                    f"non-finite student weights after step {done}: not saved; the last checkpoint in {ckpt_root} "
+                    "is intact. Lower train.learning_rate or set train.max_grad_norm.")
             save_checkpoint(accelerator, ckpt_root, done, task.extra_state(), cfg.checkpoints_total_limit)
         if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_steps):
             _validate(accelerator, task, out, done)

@@ -1,0 +1,25 @@
+"""Clear errors for model files that exist but cannot be read (a truncated download, the wrong file)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike, what: str):
+    """Re-raise any failure inside the block as a ``ValueError`` that names ``what`` and ``path``.
+
+    Missing files (``FileNotFoundError``, whose messages already say where to get them) and missing
+    packages (``ImportError``) pass through unchanged. Only the first line of the original message is
+    kept: torch's unpickling error goes on to suggest ``weights_only=False``, which is not the fix for a
+    corrupt file.
+    """
+    try:
+        yield
+    except (FileNotFoundError, ImportError):
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"cannot read {what} {path} ({type(e).__name__}: {first}); the file may be truncated "
+                         "or not the expected model: download or rebuild it again") from e
