@@ -59,6 +59,6 @@ def load_images(paths: list[str], size: int) -> torch.Tensor:
                 out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255)
         except FileNotFoundError:
             raise ValueError(f"init image {p} does not exist") from None
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise ValueError(f"cannot read init image {p}: {exc}") from None
     return torch.stack(out)

@@ -92,6 +92,12 @@ def test_construction_errors(tmp_path, folder):
         DataConfig(type="webdataset")
     with pytest.raises(ValueError, match="no .tar shards"):
         TarShards(str(tmp_path / "bare"))
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="metadata.jsonl:2 is not a JSON object"):
+        ImageCaptionFolder(folder)
+    (tmp_path / "bare" / "broken.tar").write_bytes(b"\x01" * 1024)
+    with pytest.raises(ValueError, match="shard .*broken.tar is not a readable uncompressed tar"):
+        TarShards(str(tmp_path / "bare"))
 
 
 def test_tar_shards(tmp_path):

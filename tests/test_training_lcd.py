@@ -136,6 +136,13 @@ def test_checkpoint_limit_and_tensorboard_logs(tmp_path):
     losses = acc.Scalars("loss")
     assert [e.step for e in losses] == [2, 4, 6] and all(e.value > 0 for e in losses)
 
+    # Resumed from an older checkpoint into the same folder, the run replaces the abandoned later checkpoints:
+    # the limit keeps this run's own, and `latest` would find this run's last one.
+    older = str(tmp_path / "checkpoints" / "checkpoint-4")
+    run_lcd(tmp_path, 5, **{"train.checkpoints_total_limit": 2, "train.report_to": "none",
+                            "train.resume_from_checkpoint": older, "train.checkpointing_steps": 1})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
+
 
 def test_unknown_and_bad_config_keys_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="max_steps"):
@@ -150,6 +157,17 @@ def test_unknown_and_bad_config_keys_are_errors(tmp_path):
     bad.write_text("train:\n  batch_sise: 4\n")
     with pytest.raises(ConfigError, match="batch_size"):
         load_method_config("lcd", bad)
+    for bad in (["validation.steps=[0]"], ["validation.guidance_scale=.nan"], ["validation.steps=[20]"]):
+        with pytest.raises(ConfigError, match="validation"):
+            load_method_config("lcd", REPO / "configs/toy/lcd.yaml", bad)
+    for key, value in (("max_grad_norm", ".nan"), ("output_dir", "''"), ("learning_rate", ".nan")):
+        with pytest.raises(ConfigError, match=key):
+            load_method_config("lcd", REPO / "configs/toy/lcd.yaml", [f"train.{key}={value}"])
+    cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", tiny_overrides(
+        tmp_path / "long", 2, **{"train.validation_steps": 2, "validation.prompts": "['" + "word " * 40 + "']"}))
+    with pytest.raises(ValueError, match="tokens, more than"):  # at set-up, before any training step
+        train(cfg.train, LCDTask(cfg))
+    assert not (tmp_path / "long" / "checkpoints").exists()
     cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", ["objective.w_min=2", "train.learning_rate=3e-4"])
     assert cfg.objective.w_min == 2.0 and cfg.train.learning_rate == 3e-4
 

@@ -135,7 +135,7 @@ def load_reference_images(files: Sequence[Path], size: int) -> torch.Tensor:
                 if side != size:
                     img = img.resize((size, size), Image.BICUBIC)
                 out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-        except OSError as exc:
+        except (OSError, Image.DecompressionBombError) as exc:
             raise ValueError(f"cannot read reference image {path}: {exc}") from None
     return torch.stack(out)
 

@@ -28,7 +28,11 @@ def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=_step_of)
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name[len(PREFIX):])
 
 
 def find_checkpoint(root: str | os.PathLike, spec: str) -> Path:
@@ -47,7 +51,8 @@ def find_checkpoint(root: str | os.PathLike, spec: str) -> Path:
 
 def save_checkpoint(accelerator, root: str | os.PathLike, step: int, extra: dict[str, dict[str, torch.Tensor]],
                     total_limit: int | None = None) -> Path:
-    """Save the full training state at ``step``; keep at most ``total_limit`` checkpoints.
+    """Save the full training state at ``step``; keep at most ``total_limit`` checkpoints, and none of a later
+    step (left by a run that this one, resumed from an earlier checkpoint, replaces).
 
     All ranks must call this (accelerate saves per-rank RNG states). The folder appears under its
     final name only once every file is written, so a crash never leaves a checkpoint that
@@ -66,12 +71,20 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, extra: dict
         for name, tensors in extra.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "extra" / f"{name}.safetensors")
         (tmp / "lcm_lab_state.json").write_text(json.dumps({"step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if total_limit is not None:
-            for old in checkpoint_dirs(root)[:-total_limit]:
-                shutil.rmtree(old)
+        if final.exists():  # a re-run reached this step again: swap, so that one copy always exists
+            stale = root / f".old-{PREFIX}{step}"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, final)
+        # Checkpoints after this step belong to a run this one abandoned by resuming from an earlier checkpoint
+        # into the same folder: drop them, so that `latest` and the limit only ever see this run's checkpoints.
+        later = [d for d in checkpoint_dirs(root) if _step_of(d) > step]
+        mine = [d for d in checkpoint_dirs(root) if _step_of(d) <= step]
+        for old in later + (mine[:-total_limit] if total_limit is not None else []):
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 

@@ -116,9 +116,13 @@ class ImageCaptionFolder(Dataset):
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        self.rows.append(json.loads(line))
+                        row = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise ValueError(f"{meta}:{lineno} is not valid JSON: {exc}") from None
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{meta}:{lineno} is not a JSON object ({{\"{image_column}\": ..., "
+                                         f"\"{caption_column}\": ...}}): {line.strip()[:80]}")
+                    self.rows.append(row)
         if not self.rows:
             raise ValueError(f"{meta} lists no images")
 
@@ -162,13 +166,18 @@ class TarShards(Dataset):
         self.samples: list[tuple[int, tuple[int, int], tuple[int, int] | None, str | None]] = []
         for shard_id, shard in enumerate(self.shards):
             groups: dict[str, dict[str, tuple[int, int]]] = {}
-            with tarfile.open(shard, "r:") as tar:  # "r:" rejects compressed tars: they cannot be seeked into
-                for member in tar:
-                    if not member.isreg():
-                        continue
-                    folder, base = os.path.split(member.name)
-                    stem, _, ext = base.partition(".")
-                    groups.setdefault(os.path.join(folder, stem), {})[ext.lower()] = (member.offset_data, member.size)
+            try:
+                with tarfile.open(shard, "r:") as tar:  # "r:" rejects compressed tars: they cannot be seeked into
+                    for member in tar:
+                        if not member.isreg():
+                            continue
+                        folder, base = os.path.split(member.name)
+                        stem, _, ext = base.partition(".")
+                        groups.setdefault(os.path.join(folder, stem), {})[ext.lower()] = (member.offset_data,
+                                                                                          member.size)
+            except tarfile.TarError as exc:
+                raise ValueError(f"shard {shard} is not a readable uncompressed tar ({exc}); remove or re-create "
+                                 "it") from exc
             for members in groups.values():
                 image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
                 if image is None:

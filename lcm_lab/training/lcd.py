@@ -19,6 +19,7 @@ stock ``StableDiffusionXLPipeline`` folder with an ``LCMScheduler`` (full) or an
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..core.latents import LatentCodec
-from ..models.sd import load_ldm, toy_teacher_dir
+from ..models.sd import check_prompts, load_ldm, toy_teacher_dir
 from ..models.sdxl import is_sdxl_dir, load_sdxl, sdxl_uncond
 from ..objectives.lcd import Conditioning, LCDConfig, LCDLoss
 from .data import DataConfig, StepBatchSampler, build_dataset, encode_dataset, make_dataloader
@@ -69,6 +70,12 @@ class ValidationConfig:
         "help": "diffusers-convention scale; a w-conditioned student embeds w = scale - 1."})
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not self.steps or min(self.steps) < 1:
+            raise ValueError(f"validation.steps must be step counts >= 1, got {self.steps}")
+        if not math.isfinite(self.guidance_scale):
+            raise ValueError(f"validation.guidance_scale must be finite, got {self.guidance_scale}")
+
 
 @dataclass
 class LCDRunConfig:
@@ -83,6 +90,9 @@ class LCDRunConfig:
         "help": "Fraction of captions replaced by '' (the reference script parses but ignores this flag)."})
 
     def __post_init__(self) -> None:
+        if max(self.validation.steps) > self.objective.num_ddim_timesteps:
+            raise ValueError(f"validation.steps {self.validation.steps} exceed the student's LCM grid "
+                             f"(objective.num_ddim_timesteps = {self.objective.num_ddim_timesteps})")
         if not 0 <= self.proportion_empty_prompts <= 1:
             raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}")
 
@@ -143,6 +153,9 @@ class LCDTask:
         else:
             uncond = Conditioning(self.ldm.encode_prompts([""], allow_empty=True))
         self.objective = LCDLoss(self.config.objective, self.ldm.unet, self.ldm.schedule, uncond, self.w_dim)
+        if self.config.train.validation_steps and self.config.validation.prompts:  # fail now, not at validation
+            for tokenizer in (self.ldm.text.tokenizers if self.sdxl else (self.ldm.tokenizer,)):
+                check_prompts(tokenizer, self.config.validation.prompts)
         if self.config.data.cache_latents:
             self.cache, skipped = encode_dataset(self.dataset, self.ldm.vae, device=device,
                                                  progress=accelerator.is_local_main_process)

@@ -71,7 +71,11 @@ class LoopConfig:
             raise ValueError(f"report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError("checkpoints_total_limit must be >= 1 (or null for no limit)")
-        if self.learning_rate <= 0:
+        if not math.isfinite(self.max_grad_norm):
+            raise ValueError(f"max_grad_norm must be a number (<= 0 disables clipping), got {self.max_grad_norm}")
+        if not str(self.output_dir).strip():
+            raise ValueError("output_dir must not be empty")
+        if not self.learning_rate > 0:  # NaN too
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
 
