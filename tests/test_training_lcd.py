@@ -97,12 +97,17 @@ def test_corrupt_or_incomplete_checkpoint_names_the_folder(tmp_path):
     run_lcd(tmp_path, 2)
     ckpt = tmp_path / "checkpoints" / "checkpoint-2"
     resume = {"train.resume_from_checkpoint": "latest"}
-    (ckpt / "extra" / "target_ema.safetensors").unlink()  # the task's own state is checked too
+    for name in ("random_states_0.pkl", "extra/target_ema.safetensors", "model.safetensors"):
+        # a truncated RNG state: accelerate alone would only log it and resume with the current RNG;
+        # the task's own extra state is checked too
+        file = ckpt / name
+        good = file.read_bytes()
+        file.write_bytes(good[:50])
+        with pytest.raises(RuntimeError, match=r"cannot resume from .*checkpoint-2.*Delete that folder"):
+            run_lcd(tmp_path, 4, **resume)
+        file.write_bytes(good)
+    (ckpt / "extra" / "target_ema.safetensors").unlink()
     with pytest.raises(RuntimeError, match=r"cannot resume from .*checkpoint-2: KeyError: .*target_ema"):
-        run_lcd(tmp_path, 4, **resume)
-    weights = ckpt / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(RuntimeError, match=r"cannot resume from .*checkpoint-2.*Delete that folder"):
         run_lcd(tmp_path, 4, **resume)
 
 

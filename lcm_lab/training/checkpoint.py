@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate.utils import load
 from safetensors.torch import load_file, save_file
 
 __all__ = ["checkpoint_dirs", "find_checkpoint", "save_checkpoint", "load_checkpoint"]
@@ -94,6 +95,8 @@ def load_checkpoint(accelerator, path: Path, restore_extra: Callable[[dict], Non
     step. Any failure, the task's included (a missing or mis-shaped extra), names the checkpoint."""
     try:
         step = int(json.loads((path / "lcm_lab_state.json").read_text())["step"])
+        # accelerate only logs an unreadable RNG-state file and resumes with the current RNG: read it here first.
+        load(path / f"random_states_{accelerator.process_index}.pkl")
         accelerator.load_state(str(path))
         restore_extra({p.stem: load_file(p) for p in sorted((path / "extra").glob("*.safetensors"))})
     except Exception as e:  # a truncated or foreign file: say which checkpoint is broken
