@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: every m
 from .eval.commands import add_bench_parser, add_eval_parser  # noqa: E402
 
 from .toy import TEACHER_GUIDANCE as TOY_GUIDANCE  # noqa: E402
-from .training import METHODS  # noqa: E402  (a dict of lazy loaders: imports nothing heavy)
+from .training import METHODS, USER_ERRORS  # noqa: E402  (lazy loaders: imports nothing heavy)
 
 
 def _save_png(images, path: Path, nrow: int | None = None) -> Path:
@@ -72,17 +72,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import load_method_config, run
+    from .training import METHODS, load_method_config, run
     from .training.config import config_to_dict, help_text
 
-    if args.help_config or args.print_config:
-        cfg = load_method_config(args.method, args.config, args.overrides)
-        if args.help_config:
-            print(help_text(type(cfg)))
-        else:
-            import yaml
+    if args.help_config:  # the keys of the method, whatever the file holds
+        print(help_text(METHODS[args.method]()[0]))
+        return 0
+    if args.print_config:
+        import yaml
 
-            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        print(yaml.safe_dump(config_to_dict(load_method_config(args.method, args.config, args.overrides)),
+                             sort_keys=False))
         return 0
     out = run(args.method, args.config, args.overrides)
     print(f"done: checkpoints, logs and the exported model are in {out}")
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:  # messages written for the user
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

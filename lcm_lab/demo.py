@@ -77,6 +77,8 @@ def run_demo(out_dir: Path, num_samples: int = 1000, overrides: Sequence[str] = 
         reference_num: real images in the FD reference (at least ``num_samples``).
         progress: progress bars.
     """
+    if num_samples < 1 or num_prompts < 1:  # before the distillation, not after it
+        raise ValueError(f"num_samples and num_prompts must be >= 1, got {num_samples} and {num_prompts}")
     from .eval.evaluate import MetricSuite, evaluate
     from .eval.toy import eval_prompts
     from .generation import generate

@@ -56,6 +56,10 @@ def test_bench_quality_cli_rows_tables_and_plots(tiny_sd, parser, tmp_path, caps
     assert "| lcm | 2 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "quality", "--samplers", "ddim,euler"])
+    from lcm_lab.eval.bench import bench_speed
+
+    with pytest.raises(ValueError, match="steps must be >= 1"):  # not silently the default step count
+        bench_speed(tiny_sd, steps=0)
 
 
 def test_bench_quality_plots_metrics_against_steps_and_time(tmp_path):

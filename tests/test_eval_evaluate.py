@@ -98,7 +98,7 @@ def test_evaluate_row_clip_value_and_deterministic_images(ldm, clip_dir, prompt_
     prompts = [PROMPTS[i % 3] for i in range(5)]
     images = generate(ldm, prompts, list(range(10, 15)), sampler="lcm", steps=2, guidance_scale=2.0, progress=False)
     with torch.no_grad():
-        expected = CLIPScoreReward(clip_dir)(images, prompts).double().mean().item()
+        expected = CLIPScoreReward(clip_dir, antialias=True)(images, prompts).double().mean().item()  # as PIL
     assert math.isclose(row["clip"], expected, rel_tol=1e-5, abs_tol=1e-5)
 
     files = _pngs(tmp_path / "a")
@@ -324,7 +324,7 @@ def test_eval_cli_hps_benchmark_per_style(tiny_sd, tmp_path):
     images = generate(load_ldm(tiny_sd), prompts, list(range(8)), sampler="lcm", steps=2, guidance_scale=2.0,
                       progress=False)
     with torch.no_grad():
-        scores = HPSv2Reward(ckpt, arch=str(arch))(images, prompts).double()
+        scores = HPSv2Reward(ckpt, arch=str(arch), antialias=True)(images, prompts).double()  # metrics resize as PIL
     per_style = 100 * scores.view(4, 2).mean(1)
     for style, value in zip(HPS_STYLES, per_style.tolist()):
         assert math.isclose(row[f"hpsv2_{style}"], value, rel_tol=1e-5), style

@@ -196,6 +196,33 @@ def test_cli_rejects_unknown_key(capsys):
     assert "max_steps" in capsys.readouterr().err
     assert main(["train", "lcd", "--config", str(REPO / "configs/toy/lcd.yaml"), "--print-config"]) == 0
     assert "w_embedding_dim: 256" in capsys.readouterr().out
+    # --help-config lists the method's keys with the run's own defaults, whatever the file holds
+    assert main(["train", "lcd", "--config", str(REPO / "configs/sd15/lcd.yaml"), "--help-config"]) == 0
+    assert "train.output_dir = 'outputs/lcd'" in capsys.readouterr().out
+    # an SD config without model.teacher would otherwise distill the 32 px toy teacher at 512 px
+    assert main(["train", "lcd", "--config", str(REPO / "configs/sd15/lcd.yaml"), "--print-config",
+                 "data.path=/data"]) == 2
+    assert "model.teacher is null" in capsys.readouterr().err
+    assert main(["train", "lcd", "--config", str(REPO / "configs/toy/lcd.yaml"), "--print-config",
+                 "train.lr_scheduler=cosine_annealing"]) == 2
+    assert "lr_scheduler must be one of linear, cosine" in capsys.readouterr().err
+    # a missing optional package is one line, not a traceback
+    assert main(["train", "lcd", "--config", str(REPO / "configs/toy/lcd.yaml"), "train.attention=xformers",
+                 "train.output_dir=" + str(REPO / "outputs" / "never")]) == (0 if _has("xformers") else 2)
+
+
+def test_training_script_prints_user_errors_in_one_line():
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_lcd.py"), "--config",
+                           str(REPO / "configs/toy/lcd.yaml"), "train.bogus=1"], capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: unknown config key train.'bogus'")
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):

@@ -112,6 +112,10 @@ def test_sdxl_dir_detection_and_missing_parts(teacher_dir, tmp_path):
     from lcm_lab.models.sdxl import SDXLText, is_sdxl_dir, load_sdxl
 
     assert is_sdxl_dir(teacher_dir) and not is_sdxl_dir(toy_teacher_dir()) and not is_sdxl_dir(tmp_path / "none")
+    from lcm_lab.models.sd import load_ldm
+
+    with pytest.raises(ValueError, match="is an SDXL pipeline: load it with lcm_lab.models.sdxl.load_sdxl"):
+        load_ldm(teacher_dir)  # eval and bench load SD 1.x/2.x folders: a clear error, not a deep TypeError
     model = load_sdxl(teacher_dir)
     assert isinstance(model.text, SDXLText) and model.vae_scale_factor == 4
     assert model.schedule.num_train_timesteps == 1000 and model.schedule.prediction_type == "epsilon"

@@ -366,7 +366,9 @@ def bench_speed(model_path: str | os.PathLike | None = None, *, sd15_random: boo
 
         guidance = TEACHER_GUIDANCE
     device = torch.device(device or _default_device())
-    steps = steps or DEFAULT_STEPS[sampler]
+    steps = DEFAULT_STEPS[sampler] if steps is None else steps
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     tmp = None
     try:
         if sd15_random:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from ..rewards import RewardModel
 from .clip_metrics import ScoreMean, load_clip_metric, load_hps_metric, reward_scores
 from .frechet import FeatureStats, fd_between
-from .prompts import PromptSet, load_prompt_set
+from .prompts import CLIP_CONTEXT, PromptSet, load_prompt_set
 
 METRICS = ("fd", "accuracy", "clip", "fid", "kid", "hpsv2")
 TOY_METRICS = ("fd", "accuracy", "clip")
@@ -340,7 +340,10 @@ def resolve_prompts(prompt_set, num_samples: int | None, tokenizer=None, per_sty
     if isinstance(prompt_set, PromptSet):
         return prompt_set
     if isinstance(prompt_set, (str, os.PathLike)):
-        return load_prompt_set(str(prompt_set), num=num_samples, tokenizer=tokenizer, per_style=per_style)
+        context = getattr(tokenizer, "model_max_length", None)  # the model's own (transformers: 1e30 if unset)
+        max_tokens = context if context and context < 10**6 else CLIP_CONTEXT
+        return load_prompt_set(str(prompt_set), num=num_samples, tokenizer=tokenizer, per_style=per_style,
+                               max_tokens=max_tokens)
     items = [(p, {}) if isinstance(p, str) else (p[0], dict(p[1])) for p in prompt_set]
     if not items:
         raise ValueError("empty prompt list")

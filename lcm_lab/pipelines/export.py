@@ -152,8 +152,9 @@ def export_lcm_pipeline(
         base_dir: the teacher's diffusers pipeline folder (SD 1.x/2.x layout).
         unet (`UNet2DConditionModel`): the student, with ``time_cond_proj_dim`` set; a plain module (unwrap
             DDP/accelerate first) without LoRA adapters. Saved as is (its dtype); not modified.
-        target_unet (`UNet2DConditionModel`, *optional*): the EMA target network, saved to ``unet_target/``
-            (ignored by stock ``from_pretrained``; load it with ``UNet2DConditionModel.from_pretrained``).
+        target_unet (`UNet2DConditionModel`, *optional*): a second UNet saved to ``unet_target/`` (ignored by
+            stock ``from_pretrained``; load it with ``UNet2DConditionModel.from_pretrained``). The trainer puts
+            there whichever of the online and EMA-target networks ``unet`` is not (``model.export_unet``).
         original_inference_steps (`int`, defaults to 50): the distillation grid size N (LCMScheduler config).
         timestep_scaling (`float`, defaults to 10.0): boundary-condition scaling (LCMScheduler config).
 
@@ -210,7 +211,8 @@ def export_lcm_sdxl_pipeline(
         base_dir: the SDXL teacher's diffusers pipeline folder.
         unet (`UNet2DConditionModel`): the student, with ``time_cond_proj_dim`` set; unwrapped, no LoRA
             adapters. Saved as is (its dtype); not modified.
-        target_unet (`UNet2DConditionModel`, *optional*): the EMA target network, saved to ``unet_target/``.
+        target_unet (`UNet2DConditionModel`, *optional*): a second UNet saved to ``unet_target/`` (as in
+            :func:`export_lcm_pipeline`).
         original_inference_steps (`int`, defaults to 50): the distillation grid size N (LCMScheduler config).
         timestep_scaling (`float`, defaults to 10.0): boundary-condition scaling (LCMScheduler config).
 

@@ -9,7 +9,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["METHODS", "load_method_config", "run", "script_main"]
+__all__ = ["METHODS", "USER_ERRORS", "load_method_config", "run", "script_main"]
+
+# Errors whose message is written for the user (bad config or input, missing file or optional package, NaN):
+# the command line prints them as one line instead of a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, ImportError)
 
 
 def _lcd():
@@ -52,4 +56,8 @@ def script_main(method: str, doc: str | None = None) -> None:
     parser.add_argument("--config", default=None, help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args()
-    print(f"done: {run(method, args.config, args.overrides)}")
+    try:
+        out = run(method, args.config, args.overrides)
+    except USER_ERRORS as exc:
+        parser.exit(2, f"error: {exc}\n")
+    print(f"done: {out}")

@@ -162,15 +162,16 @@ def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: 
     return config_from_dict(cls, data)
 
 
-def help_text(cls, prefix: str = "") -> str:
-    """One line per key with its default and help, for ``--help-config``."""
+def help_text(cls, prefix: str = "", defaults: Any = None) -> str:
+    """One line per key with its default and help, for ``--help-config``. Defaults are read from ``cls()`` (a
+    section's default can differ from its class's, e.g. a run's own ``train.output_dir``)."""
+    if defaults is None:
+        defaults = cls()
     lines = []
     for f in dataclasses.fields(cls):
         tp = _field_types(cls)[f.name]
         if dataclasses.is_dataclass(tp):
-            lines.append(help_text(tp, f"{prefix}{f.name}."))
+            lines.append(help_text(tp, f"{prefix}{f.name}.", getattr(defaults, f.name)))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        lines.append(f"  {prefix}{f.name} = {default!r}    {f.metadata.get('help', '')}")
+        lines.append(f"  {prefix}{f.name} = {getattr(defaults, f.name)!r}    {f.metadata.get('help', '')}")
     return "\n".join(lines)

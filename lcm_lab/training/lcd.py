@@ -30,6 +30,7 @@ from ..core.latents import LatentCodec
 from ..models.sd import check_prompts, load_ldm, toy_teacher_dir
 from ..models.sdxl import is_sdxl_dir, load_sdxl, sdxl_uncond
 from ..objectives.lcd import Conditioning, LCDConfig, LCDLoss
+from ..toy.world import IMAGE_SIZE as TOY_IMAGE_SIZE
 from .data import DataConfig, StepBatchSampler, build_dataset, encode_dataset, make_dataloader
 from .ema import EMA
 from .trainer import LoopConfig, to_channels_last, train
@@ -90,6 +91,9 @@ class LCDRunConfig:
         "help": "Fraction of captions replaced by '' (the reference script parses but ignores this flag)."})
 
     def __post_init__(self) -> None:
+        if self.model.teacher is None and self.data.resolution != TOY_IMAGE_SIZE:
+            raise ValueError(f"model.teacher is null (the {TOY_IMAGE_SIZE} px toy teacher) but data.resolution is "
+                             f"{self.data.resolution}: set model.teacher=/path/to/a/diffusers/pipeline")
         if max(self.validation.steps) > self.objective.num_ddim_timesteps:
             raise ValueError(f"validation.steps {self.validation.steps} exceed the student's LCM grid "
                              f"(objective.num_ddim_timesteps = {self.objective.num_ddim_timesteps})")

@@ -67,6 +67,11 @@ class LoopConfig:
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.attention not in ("sdpa", "xformers"):
             raise ValueError(f"attention must be 'sdpa' or 'xformers', got {self.attention!r}")
+        from diffusers.optimization import SchedulerType
+
+        if self.lr_scheduler not in {t.value for t in SchedulerType}:
+            raise ValueError(f"lr_scheduler must be one of {', '.join(t.value for t in SchedulerType)}, got "
+                             f"{self.lr_scheduler!r}")
         if self.report_to not in ("tensorboard", "wandb", "all", "none"):
             raise ValueError(f"report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
