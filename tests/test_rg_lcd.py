@@ -299,13 +299,14 @@ def test_config_errors_are_clear(tmp_path):
         load_method_config("rg_lcd", None, ["reward.lrm_subsett=4"])
     with pytest.raises(ConfigError, match=r"lrm_pretrain_batch_size \(64\) must be <= train.batch_size \(32\)"):
         load_method_config("rg_lcd", TOY_LRM, ["train.batch_size=32", "reward.lrm_pretrain_batch_size=64"])
-    # the shipped configs parse (data.path is the one required key they leave open)
-    cfg = load_method_config("rg_lcd", REPO / "configs/sd15/rg_lcd.yaml", ["data.path=/shards"])
+    # the shipped configs parse (data.path and model.teacher are the required keys they leave open)
+    cfg = load_method_config("rg_lcd", REPO / "configs/sd15/rg_lcd.yaml", ["data.path=/shards", "model.teacher=/sd"])
     assert cfg.reward.reward == "hpsv2" and cfg.reward.reward_scale == 1.0 and cfg.reward.lrm_lr == 3.3e-6
     for name in ("sd21/rg_lcd.yaml", "sd21/rg_lcd_pickscore.yaml", "sd21/rg_lcd_clip.yaml",
                  "sd21/rg_lcd_hps_imagereward.yaml", "sdxl/rg_lcd.yaml"):
         for mode in ("direct", "lrm"):  # lrm mode also checks the pre-training batch against the training batch
-            load_method_config("rg_lcd", REPO / "configs" / name, ["data.path=/shards", f"reward.mode={mode}"])
+            load_method_config("rg_lcd", REPO / "configs" / name,
+                               ["data.path=/shards", "model.teacher=/sd", f"reward.mode={mode}"])
 
 
 def test_direct_mode_rejects_a_non_differentiable_expert():
