@@ -462,6 +462,29 @@ def test_imagereward_optional_dependency():
         assert "ImageReward" in str(info.value)
 
 
+def test_imagereward_rejects_a_checkpoint_without_its_weights(tmp_path, monkeypatch):
+    """strict=False as upstream, but a file missing the head or most weights is an error, not random scores
+    (a stand-in module with ImageReward's blip/mlp layout: the package is optional)."""
+    from lcm_lab.rewards import imagereward
+
+    class FakeImageReward(torch.nn.Module):
+        def __init__(self, med_config, device):
+            super().__init__()
+            self.blip = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(10)])
+            self.mlp = torch.nn.Linear(4, 1)
+
+    monkeypatch.setattr(imagereward, "_imagereward_class", lambda: FakeImageReward)
+    (tmp_path / "med_config.json").write_text("{}")
+    full = FakeImageReward(None, "cpu").state_dict()
+    for name, state in (("head_missing", {k: v for k, v in full.items() if not k.startswith("mlp.")}),
+                        ("other_model", {"layers.0.weight": torch.zeros(1)})):
+        torch.save(state, tmp_path / "ImageReward.pt")
+        with pytest.raises(ValueError, match="cannot read ImageReward checkpoint .*weights missing"):
+            imagereward.ImageRewardReward(tmp_path)
+    torch.save({k: v for k, v in full.items() if k != "blip.9.bias"}, tmp_path / "ImageReward.pt")
+    imagereward.ImageRewardReward(tmp_path)  # one unused tensor missing: loads, as upstream
+
+
 # ----------------------------------------------------------------------------- toy-clip
 
 

@@ -86,7 +86,12 @@ class ImageRewardReward(RewardModel):
         model = model_class(med_config=str(med), device="cpu")
         with reading(path, "ImageReward checkpoint"):
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-            model.load_state_dict(state, strict=False)  # as ImageReward.load(): the checkpoint omits unused heads
+            # strict=False as ImageReward.load() (the checkpoint may omit unused buffers), but the scoring head
+            # and nearly all weights must load: a wrong file would otherwise score with random weights.
+            missing = model.load_state_dict(state, strict=False).missing_keys
+            expected = len(model.state_dict())
+            if any(k.startswith("mlp.") for k in missing) or len(missing) > 0.05 * expected:
+                raise ValueError(f"{len(missing)} of {expected} weights missing, e.g. {missing[:3]}")
         self.model = model.to(device=device, dtype=as_dtype(dtype))
         self.model.mlp.float()  # ImageReward scores its [CLS] feature in float32 whatever the backbone's dtype
         self.model.device = torch.device(device)
