@@ -31,7 +31,7 @@ def _save_png(images, path: Path, nrow: int | None = None) -> Path:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .generation import DEFAULT_STEPS, generate
+    from .generation import generate, resolve_steps
     from .imaging import load_images
     from .models.sd import load_ldm
     from .models.sdxl import is_sdxl_dir, load_sdxl
@@ -55,7 +55,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                    guidance_scale=guidance, images=images, strength=args.strength,
                    truncate=args.truncate, gamma=args.gamma)
     path = _save_png(out, Path(args.out), nrow=args.num_images if len(out) > 1 else None)
-    steps = DEFAULT_STEPS[args.sampler] if args.steps is None else args.steps
+    steps = resolve_steps(args.sampler, args.steps)
     print(f"wrote {len(out)} image(s) ({args.sampler}, {steps} steps, guidance {guidance}) to {path}")
     return 0
 

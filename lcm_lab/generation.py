@@ -30,6 +30,17 @@ def is_w_conditioned(unet) -> bool:
     return getattr(unet.config, "time_cond_proj_dim", None) is not None
 
 
+def resolve_steps(sampler: str, steps: int | None) -> int:
+    """``steps``, or the sampler's default (:data:`DEFAULT_STEPS`) when ``None``; an unknown sampler or fewer
+    than one step is a ``ValueError``."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    steps = DEFAULT_STEPS[sampler] if steps is None else steps
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return steps
+
+
 def generate(
     model: LDMParts,
     prompts: Sequence[str],
@@ -83,14 +94,11 @@ def generate(
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     if not prompts:
         raise ValueError("no prompts: nothing to generate")
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     if not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    steps = resolve_steps(sampler, steps)
     if images is None and strength != 1.0:
         raise ValueError("strength < 1 needs init images (--image)")
     if output not in ("images", "latents"):
@@ -99,7 +107,6 @@ def generate(
     image_size = image_size or model.image_size
     if image_size % factor:
         raise ValueError(f"image size {image_size} is not a multiple of the VAE's scale factor {factor}")
-    steps = DEFAULT_STEPS[sampler] if steps is None else steps
     schedule, device, dtype = model.schedule, model.device, next(model.unet.parameters()).dtype
     if original_inference_steps is None:
         original_inference_steps = int(model.scheduler_config.get("original_inference_steps", 50))

@@ -218,6 +218,9 @@ def test_lookup_order_and_wrong_file(inception_file, tmp_path, monkeypatch):
     torch.save({"conv.weight": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="not a torch-fidelity InceptionV3"):
         load_inception(bad)
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read Inception weights .*bad.pth"):
+        load_inception(bad)
     with pytest.raises(ValueError, match="feature must be one of"):
         load_inception(inception_file, feature=100)
 

@@ -355,7 +355,7 @@ def bench_speed(model_path: str | os.PathLike | None = None, *, sd15_random: boo
         ``*_peak_extra_mb`` (peak minus the memory in use before the call: the generation's own
         working memory), ``process_peak_rss_mb``, ``max_abs_diff``, ``outputs_match`` and the settings.
     """
-    from ..generation import DEFAULT_STEPS, generate
+    from ..generation import generate, resolve_steps
     from ..models.sd import load_ldm
     from .evaluate import _default_device, _sync
 
@@ -366,9 +366,7 @@ def bench_speed(model_path: str | os.PathLike | None = None, *, sd15_random: boo
 
         guidance = TEACHER_GUIDANCE
     device = torch.device(device or _default_device())
-    steps = DEFAULT_STEPS[sampler] if steps is None else steps
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = resolve_steps(sampler, steps)  # before the (possibly random SD1.5) pipeline is built
     tmp = None
     try:
         if sd15_random:

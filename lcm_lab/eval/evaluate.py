@@ -387,7 +387,7 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         ``{model, sampler, steps, guidance, num_samples, seed, prompt_set, <metrics>..., sec_per_image}``
         (+ ``images_dir`` when images are saved).
     """
-    from ..generation import DEFAULT_STEPS, generate
+    from ..generation import generate, resolve_steps
     from ..imaging import save_grid
     from ..models.sd import LatentDiffusionModel, load_ldm
 
@@ -400,11 +400,7 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
     else:
         ldm = load_ldm(model, device=device or _default_device())
     device = ldm.device
-    if sampler not in DEFAULT_STEPS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(DEFAULT_STEPS)}")
-    steps = DEFAULT_STEPS[sampler] if steps is None else steps
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = resolve_steps(sampler, steps)  # before the prompts and metrics are prepared
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from ..readable import reading
 from .frechet import FeatureStats, fd_between
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -105,10 +106,8 @@ def load_inception(weights: str | os.PathLike | None = None, feature: int = 2048
     path = inception_weights_path(weights)
     # A safe (weights_only) load first: it rejects pickled code and wrong files with a clear
     # message before torch-fidelity loads the file again with weights_only=False.
-    try:
+    with reading(path, "Inception weights"):
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a state dict"
-        raise ValueError(f"{path} is not a readable torch state dict ({exc})") from None
     missing = [k for k in _INCEPTION_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"{path} is not a torch-fidelity InceptionV3 state dict (lacks {', '.join(missing)}); "

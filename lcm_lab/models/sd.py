@@ -139,7 +139,9 @@ def load_ldm(path: str | os.PathLike | None = None, device: str | torch.device =
     from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = check_pipeline_dir(path if path is not None else toy_teacher_dir())
-    if (folder / "text_encoder_2").is_dir():
+    from .sdxl import is_sdxl_dir  # (sdxl imports this module)
+
+    if is_sdxl_dir(folder):
         raise ValueError(f"{folder} is an SDXL pipeline: load it with lcm_lab.models.sdxl.load_sdxl (`lcm-lab sample` "
                          "and training take SDXL folders; `lcm-lab eval` and `bench` take SD 1.x/2.x ones)")
     with reading(folder / "unet", "UNet"):
@@ -186,8 +188,9 @@ def check_prompts(tokenizer, prompts: str | list[str], allow_empty: bool = False
         raise ValueError("empty prompt; give some text (the unconditional branch of guidance uses '' internally)")
     if not truncate:
         max_len = tokenizer.model_max_length
-        for p in prompts:
-            n = len(tokenizer(p, verbose=False).input_ids)  # no "sequence longer than" warning: we raise
+        # one batched call (no "sequence longer than" warning: we raise instead)
+        for p, ids in zip(prompts, tokenizer(prompts, verbose=False).input_ids):
+            n = len(ids)
             if n > max_len:
                 raise ValueError(f"prompt has {n} tokens, more than the model's {max_len}: {p[:80]!r}... "
                                  "Shorten it or pass truncate=True (--truncate on the CLI).")

@@ -82,8 +82,9 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, extra: dict
             os.replace(tmp, final)
         # Checkpoints after this step belong to a run this one abandoned by resuming from an earlier checkpoint
         # into the same folder: drop them, so that `latest` and the limit only ever see this run's checkpoints.
-        later = [d for d in checkpoint_dirs(root) if _step_of(d) > step]
-        mine = [d for d in checkpoint_dirs(root) if _step_of(d) <= step]
+        found = checkpoint_dirs(root)
+        later = [d for d in found if _step_of(d) > step]
+        mine = [d for d in found if _step_of(d) <= step]
         for old in later + (mine[:-total_limit] if total_limit is not None else []):
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
