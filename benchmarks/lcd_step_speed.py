@@ -33,8 +33,9 @@ Measurements:
   order alternating each round. Each subprocess builds its own models from the same seeds, applies its
   variant's setup, runs ``--warmup`` untimed then ``--steps`` timed steps, and reports every step's
   seconds and its peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, models included). Per
-  variant: s/step = median over all timed steps of all its rounds; speed-up = reference / ours; peak RSS
-  = max over its subprocesses. The parent holds no models while they run;
+  variant: s/step = median over all timed steps of all its rounds; speed-up = reference / ours, also per
+  round (the spread between rounds is the machine's noise between processes); peak RSS = max over its
+  subprocesses. The parent holds no models while they run;
 * phases (``--no-phases`` to skip): median seconds of forward / uncond encoding / backward / clipping /
   AdamW / EMA during the timed steps (on CUDA the phase marks synchronize);
 * correctness (in this process, by default only at ``--scale toy``): two copies of the same weights, one
@@ -553,6 +554,14 @@ def measure(args, variant: str) -> dict:
     raise RuntimeError(f"{variant} subprocess failed (exit code {proc.returncode}): {(proc.stderr or '')[-2000:]}")
 
 
+def round_speed_ups(runs: list[dict]) -> list[float]:
+    """Reference / ours median s/step of each round. Their spread shows the machine's noise between
+    processes, which on shared 2-core machines is larger than the spread of one process's steps."""
+    rounds = sorted({run["round"] for run in runs})
+    med = {(run["round"], run["variant"]): run["median_s_per_step"] for run in runs}
+    return [med[r, "reference"] / med[r, "ours"] for r in rounds]
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")  # Linux only; elsewhere platform's name stays
@@ -593,6 +602,9 @@ def markdown(result: dict) -> str:
         f"{_fmt(r['speed_up'], '.3f')}x | {_fmt(r['ours_peak_rss_mib'], '.0f')} | "
         f"{_fmt(r['reference_peak_rss_mib'], '.0f')} | {_fmt(r['max_abs_diff_student'], '.2e')} / "
         f"{_fmt(r['max_abs_diff_student_grad_gt_1e-6'], '.2e')} |",
+        "",
+        "Speed-up of each round (reference / ours median s/step): "
+        + ", ".join(f"{x:.3f}x" for x in r["speed_up_per_round"]) + ".",
         "",
         f"Timing: {result['timing_method']}. Memory: {result['memory_method']}. Conv weights channels-last: ours "
         f"{st['ours_channels_last']}, reference {st['reference_channels_last']}. Optimizer: ours "
@@ -683,6 +695,7 @@ def main(argv=None) -> dict | None:
         "student_params": first["ours"]["student_params"],
         "ours_s_per_step": med["ours"], "reference_s_per_step": med["reference"],
         "speed_up": med["reference"] / med["ours"],
+        "speed_up_per_round": round_speed_ups(runs),
         "ours_peak_rss_mib": max(run["peak_rss_mib"] for run in by_variant["ours"]),
         "reference_peak_rss_mib": max(run["peak_rss_mib"] for run in by_variant["reference"]),
         "max_abs_diff_student": check["max_abs_diff_student"] if check else None,
@@ -711,7 +724,9 @@ def main(argv=None) -> dict | None:
     }
     out = Path(args.out or f"outputs/lcd_step_speed_{args.scale}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
     result["markdown"] = markdown(result)
     print(result["markdown"])
     print(f"\nwrote {out}")

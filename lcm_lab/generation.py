@@ -72,10 +72,13 @@ def generate(
             ``prompts[i]``, ``seeds[i]`` and the sampler settings.
         sampler: ``"ddim"``, ``"lcm"`` or ``"tcd"``.
         steps: number of sampling steps (default: 50 for DDIM, 4 otherwise).
-        guidance_scale: classifier-free guidance scale (diffusers convention). For a
+        guidance_scale: classifier-free guidance scale (diffusers convention); as in diffusers'
+            pipelines, guidance runs only for a scale > 1 (<= 1: the conditional model alone). For a
             w-conditioned LCM student the scale is embedded instead, as
             ``LatentConsistencyModelPipeline`` does (``w = guidance_scale - 1``).
-        images: optional init images (N, 3, H, W) in [0, 1] for img2img / restoration.
+        images: optional init images (N, 3, H, W) in [0, 1] for img2img / restoration. They are
+            encoded with the VAE posterior's mode (deterministic); diffusers' img2img pipelines sample
+            the posterior from their generator, so their images differ from these by that draw.
         strength: how far towards noise the init images are taken, in (0, 1].
         batch_size: images per network call.
         gamma: TCD's stochasticity.
@@ -141,7 +144,7 @@ def generate(
             if w_cond:
                 w = torch.full((len(cond),), guidance_scale - 1.0, device=device)
                 timestep_cond = guidance_scale_embedding(w, model.unet.config.time_cond_proj_dim).to(dtype)
-            elif guidance_scale != 1:
+            elif guidance_scale > 1:  # diffusers' do_classifier_free_guidance
                 uncond = _cast(model.unconditional(cond), device, dtype)
             cond = _cast(cond, device, dtype)
             net = UNetModel(model.unet, cond.encoder_hidden_states, guidance_scale=1.0 if w_cond else guidance_scale,

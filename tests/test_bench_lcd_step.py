@@ -95,5 +95,14 @@ def test_cli_subprocess_json(tmp_path):
     assert row["batch_size"] == 2 and row["latent_size"] == 8 and row["speed_up"] > 0
     assert data["check"] is None and row["max_abs_diff_student"] is None
     assert data["settings"]["ours_channels_last"] is True and data["settings"]["reference_channels_last"] is False
+    assert row["speed_up_per_round"] == pytest.approx([row["speed_up"]])  # one round: its medians are the overall ones
     assert "| toy | 2 | 8x8 |" in result["markdown"]
     assert data["machine"]["torch"] == torch.__version__
+
+
+def test_round_speed_ups_pair_each_rounds_own_medians():
+    runs = [{"round": 0, "variant": "ours", "median_s_per_step": 0.5},
+            {"round": 0, "variant": "reference", "median_s_per_step": 0.6},
+            {"round": 1, "variant": "reference", "median_s_per_step": 0.9},
+            {"round": 1, "variant": "ours", "median_s_per_step": 0.6}]
+    assert bench.round_speed_ups(runs) == pytest.approx([1.2, 1.5])

@@ -8,6 +8,7 @@ both sides match exactly.
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -252,7 +253,9 @@ def test_lora_export_loads_in_stock_pipeline(teacher, tmp_path, steps):
     peft_unet = add_lora(copy.deepcopy(teacher.unet), rank=8, alpha=16)  # alpha != rank: scaling must survive
     perturb(peft_unet, 2e-2, seed=21, only="lora_B")
     peft_unet.eval()
-    out = export_lora(tmp_path / "lora", peft_unet)
+    # a run with a non-default LCM grid: the saved scheduler must carry it (from_config(teacher) would not)
+    out = export_lora(tmp_path / "lora", peft_unet, base=toy_teacher_dir(), original_inference_steps=20,
+                      timestep_scaling=5.0)
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert not list(tmp_path.glob("*.partial-*"))
 
@@ -262,7 +265,8 @@ def test_lora_export_loads_in_stock_pipeline(teacher, tmp_path, steps):
     n_loaded = sum(".lora_" in n for n, _ in pipe.unet.named_parameters())
     assert n_loaded == len(lora_parameters(peft_unet))  # every LoRA tensor made it, attention included
     pipe.fuse_lora()
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = LCMScheduler.from_pretrained(out, subfolder="scheduler")
+    assert pipe.scheduler.config.original_inference_steps == 20 and pipe.scheduler.config.timestep_scaling == 5.0
     gens = generators_for_seeds(SEEDS)
     latents = randn((len(SEEDS), 4, 8, 8), gens)
     with torch.no_grad():
@@ -271,7 +275,21 @@ def test_lora_export_loads_in_stock_pipeline(teacher, tmp_path, steps):
 
     ldm = copy.copy(teacher)
     ldm.unet = peft_unet
-    ours = generate(ldm, PROMPTS, SEEDS, sampler="lcm", steps=steps, guidance_scale=1.0, progress=False)
+    grid = dict(original_inference_steps=20, timestep_scaling=5.0)
+    ours = generate(ldm, PROMPTS, SEEDS, sampler="lcm", steps=steps, guidance_scale=1.0, progress=False, **grid)
     assert max_diff(ours, ref) <= TOL
-    plain = generate(teacher, PROMPTS, SEEDS, sampler="lcm", steps=steps, guidance_scale=1.0, progress=False)
+    plain = generate(teacher, PROMPTS, SEEDS, sampler="lcm", steps=steps, guidance_scale=1.0, progress=False, **grid)
     assert max_diff(plain, ref) > 1e-3  # the adapter actually changes the images
+
+
+def test_exported_scheduler_never_clips(tmp_path):
+    """A teacher scheduler with clip_sample/thresholding on must not make the stock LCM pipeline clip x0:
+    neither the LCD objective nor lcm_lab's samplers do."""
+    base = tmp_path / "teacher"
+    shutil.copytree(toy_teacher_dir() / "scheduler", base / "scheduler")
+    cfg_file = base / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "clip_sample": True, "thresholding": True}))
+    out = export_lora(tmp_path / "lora", add_lora(tiny_unet(), rank=2), base=base)
+    cfg = LCMScheduler.from_pretrained(out, subfolder="scheduler").config
+    assert cfg.clip_sample is False and cfg.thresholding is False
+    assert cfg.original_inference_steps == 50 and cfg.timestep_scaling == 10.0

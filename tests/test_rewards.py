@@ -292,6 +292,12 @@ def test_aesthetic_head_and_clip_match_raw_models(tmp_path, open_clip_dir, open_
     with torch.no_grad():
         torch.testing.assert_close(half(images, None), mlp(half.image_features(images)).squeeze(-1), atol=1e-6, rtol=0)
 
+    with torch.no_grad():
+        features = half.image_features(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision leaves the head in float32
+            got = half.head(features).squeeze(-1)
+        torch.testing.assert_close(got, mlp(features).squeeze(-1), atol=1e-6, rtol=0)
+
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     torch.save({f"layers.{k}": v for k, v in torch.nn.Sequential(
@@ -300,6 +306,24 @@ def test_aesthetic_head_and_clip_match_raw_models(tmp_path, open_clip_dir, open_
     ).state_dict().items()}, wrong / "sac+logos+ava1-l14-linearMSE.pth")
     with pytest.raises(ValueError, match="expects 8-d"):
         AestheticReward(head=wrong, clip_checkpoint=open_clip_dir)
+
+
+def test_aesthetic_linear_probe_head_as_rg_lcd_uses(tmp_path, open_clip_dir, open_clip_raw):
+    """LAION's original linear probe (sa_0_4_vit_l_14_linear.pth: a bare Linear(D, 1) state dict)."""
+    torch.manual_seed(4)
+    probe = torch.nn.Linear(16, 1).eval()
+    head_file = tmp_path / "sa_0_4_vit_l_14_linear.pth"
+    torch.save(probe.state_dict(), head_file)
+    reward = load_reward("aesthetic", head=head_file, clip_checkpoint=open_clip_dir)
+    assert reward.head.kind == "linear"
+    images = _images(seed=14)
+    with torch.no_grad():
+        expected = probe(F.normalize(open_clip_raw[0].encode_image(_normalise(images)), dim=-1)).squeeze(-1)
+    torch.testing.assert_close(reward(images, None), expected, atol=1e-5, rtol=1e-5)
+    _check_gradients(reward, prompts=None)
+    torch.save({"weight": torch.zeros(2, 16), "bias": torch.zeros(2)}, head_file)  # not a 1-output probe
+    with pytest.raises(ValueError, match="not an aesthetic-predictor head"):
+        load_reward("aesthetic", head=head_file, clip_checkpoint=open_clip_dir)
 
 
 # ----------------------------------------------------------------------------- JPEG

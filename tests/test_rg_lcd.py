@@ -161,6 +161,41 @@ def test_direct_mode_differentiates_through_the_vae_decoder(tmp_path):
     assert all(p.grad is None for p in task.expert.parameters())  # expert frozen: no parameter gradients
 
 
+def _direct_task_and_batch(tmp_path):
+    from accelerate import Accelerator
+
+    task = make_task(tmp_path, TOY_DIRECT)
+    task.setup(Accelerator(cpu=True), channels_last=False)
+    latents, texts, cond = task._prepare(next(task.batches(0, 0)), step_generator(0, 0, 0))
+    return task, latents, texts, cond
+
+
+def test_direct_mode_reward_is_the_experts_score_of_the_decoded_prediction(tmp_path):
+    task, latents, texts, cond = _direct_task_and_batch(tmp_path)
+    loss, logs = task.rg_objective(task.student, task.target_net(), latents, cond, texts, step_generator(0, 0, 1))
+    with torch.no_grad():  # independently: decode the student's one-step prediction, map to [0, 1], score
+        codec = task.ldm.codec
+        images = (codec.decode(logs["pred"]) / 2 + 0.5).clamp(0, 1)
+        expected = task.expert(images, texts).float().mean()
+    assert float(logs["reward"]) == pytest.approx(float(expected), abs=1e-6)
+    beta = task.config.reward.reward_scale
+    assert loss.item() == pytest.approx(float(logs["lcd_loss"]) - beta * float(expected), abs=1e-6)
+
+
+def test_direct_mode_decodes_in_the_vaes_dtype_under_mixed_precision(tmp_path):
+    task, latents, texts, cond = _direct_task_and_batch(tmp_path)
+    dtypes = []
+    hook = task.ldm.vae.decoder.conv_out.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as accelerate's mixed precision
+            loss, _ = task.rg_objective(task.student, task.target_net(), latents, cond, texts,
+                                        step_generator(0, 0, 1))
+    finally:
+        hook.remove()
+    assert dtypes and set(dtypes) == {torch.float32}  # the float32 VAE stays float32 (SDXL's overflows in fp16)
+    assert torch.isfinite(loss)
+
+
 # ----------------------------------------------------------------------------- (c) frozen reward models
 
 

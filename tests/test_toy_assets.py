@@ -35,13 +35,18 @@ def test_stock_pipeline_loads_and_matches_our_ddim(ldm):
 
     pipe = StableDiffusionPipeline.from_pretrained(toy_teacher_dir())
     pipe.set_progress_bar_config(disable=True)
-    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
-    ref = pipe([PROMPT, PROMPT], num_inference_steps=6, guidance_scale=5.0, generator=gens,
-               output_type="pt").images
-    ours = generate(ldm, [PROMPT, PROMPT], [0, 1], sampler="ddim", steps=6, guidance_scale=5.0, progress=False)
-    assert ref.shape == ours.shape == (2, 3, 32, 32)
-    assert (ref - ours).abs().max() < 1e-4
-    assert (ours[0] - ours[1]).abs().max() > 0.05  # different seeds, different images
+    images = {}
+    for guidance in (5.0, 0.5):  # diffusers runs CFG only for a scale > 1: 0.5 is the conditional model
+        gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+        ref = pipe([PROMPT, PROMPT], num_inference_steps=6, guidance_scale=guidance, generator=gens,
+                   output_type="pt").images
+        ours = generate(ldm, [PROMPT, PROMPT], [0, 1], sampler="ddim", steps=6, guidance_scale=guidance,
+                        progress=False)
+        assert ref.shape == ours.shape == (2, 3, 32, 32)
+        assert (ref - ours).abs().max() < 1e-4
+        images[guidance] = ours
+    assert (images[5.0][0] - images[5.0][1]).abs().max() > 0.05  # different seeds, different images
+    assert (images[5.0] - images[0.5]).abs().max() > 0.05  # guidance changed the images
 
 
 def test_per_seed_images_do_not_depend_on_batch(ldm):

@@ -56,6 +56,11 @@ class LatentCodec:
     def _shift(self) -> float:
         return 0.0 if self.shift_factor is None else self.shift_factor
 
+    def scale(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents (a posterior sample or mode) -> the scaled latents the UNet sees:
+        ``(raw - shift_factor) * scaling_factor``."""
+        return (raw - self._shift) * self.scaling_factor
+
     def _param(self) -> torch.Tensor | None:
         return next(iter(self.vae.parameters()), None) if hasattr(self.vae, "parameters") else None
 
@@ -98,7 +103,7 @@ class LatentCodec:
                     z = dist.sample(generator=list(gen) if isinstance(gen, Sequence) else gen)
                 else:
                     z = dist.mode()
-                out.append((z - self._shift) * self.scaling_factor)
+                out.append(self.scale(z))
         return torch.cat(out)
 
     def decode(self, latents: torch.Tensor, chunk_size: int = 64, no_grad: bool = False) -> torch.Tensor:

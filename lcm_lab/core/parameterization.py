@@ -95,7 +95,7 @@ def lcm_boundary_scalings(
         c_skip = sigma_data^2 / (s^2 + sigma_data^2),    c_out = s / sqrt(s^2 + sigma_data^2)
 
     so ``f(x, 0) = x`` exactly (c_skip = 1, c_out = 0). Larger ``timestep_scaling`` makes c_skip vanish
-    faster (at t = 999, scaling 10 gives c_skip ~ 2.5e-8).
+    faster (at t = 999, scaling 10 gives c_skip ~ 2.5e-9).
 
     Args:
         t (`torch.Tensor`, `int` or `float`): timesteps, any shape (e.g. ``[B, 1, 1, 1]``).

@@ -112,15 +112,15 @@ def add_lora(
     alpha: float = 64,
     dropout: float = 0.0,
     target_modules: Sequence[str] | None = None,
-    init: bool | str = "gaussian",
+    init: bool | str = True,
 ):
     """Freeze ``unet`` and add a peft LoRA adapter (LCM-LoRA; diffusers ``train_lcm_distill_lora_sd_wds.py``).
 
     ``unet.requires_grad_(False)`` then ``unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha,
     lora_dropout=dropout, init_lora_weights=init, target_modules=...))``. Afterwards only the LoRA
-    matrices require grad. With the default ``init="gaussian"`` ``A ~ N(0, 1/rank)`` and ``B = 0``, so the
-    adapted UNet starts out computing exactly the base UNet. The effective update is
-    ``(alpha / rank) * B @ A``.
+    matrices require grad. With peft's default ``init=True`` (as the script, which passes none) ``A`` is
+    Kaiming-uniform and ``B = 0``, so the adapted UNet starts out computing exactly the base UNet. The
+    effective update is ``(alpha / rank) * B @ A``.
 
     Args:
         unet (`UNet2DConditionModel`): modified in place (base frozen, adapter injected) and returned.
@@ -129,7 +129,7 @@ def add_lora(
         dropout (`float`, defaults to 0.0): LoRA dropout in ``[0, 1)``.
         target_modules (list of `str`, *optional*): module-name suffixes; defaults to
             :data:`LORA_TARGET_MODULES`. Each must match at least one module of ``unet``.
-        init (`bool` or `str`, defaults to ``"gaussian"``): peft ``init_lora_weights``.
+        init (`bool` or `str`, defaults to ``True``): peft ``init_lora_weights`` (e.g. ``"gaussian"``: A with std 1/rank).
 
     Returns:
         the same ``unet`` with a ``"default"`` adapter, active.

@@ -42,7 +42,8 @@ __all__ = ["LCDConfig", "Conditioning", "LCDLoss", "consistency_loss"]
 
 @dataclass
 class LCDConfig:
-    """Hyper-parameters of the LCD objective (defaults: diffusers' SD recipe, REFERENCE.md §1)."""
+    """Hyper-parameters of the LCD objective (defaults: the SD recipe of diffusers' README commands,
+    REFERENCE.md §1: pseudo-Huber loss, where the script's own ``--loss_type`` default is l2)."""
 
     num_ddim_timesteps: int = field(default=50, metadata={"help": "N: teacher DDIM solver steps (skip k = T // N)."})
     w_min: float = field(default=5.0, metadata={"help": "Lowest guidance w (LCM form = diffusers scale - 1)."})

@@ -56,7 +56,8 @@ class RGLCDConfig:
     lrm_depth: int | None = field(default=None, metadata={"help": "Override the preset's number of stride-2 stages."})
     lrm_embed_dim: int | None = field(default=None, metadata={"help": "Override the preset's embedding size."})
     lrm_lr: float = field(default=3.3e-6, metadata={"help": "LRM AdamW learning rate (paper: 3.3e-6)."})
-    lrm_weight_decay: float = field(default=1e-2, metadata={"help": "LRM AdamW weight decay."})
+    lrm_weight_decay: float = field(default=0.0, metadata={
+        "help": "LRM AdamW weight decay (the reference uses its adam_weight_decay, default 0)."})
     lrm_subset: int = field(default=16, metadata={
         "help": "Samples of the batch (random subset) the LRM is trained on each step (paper: 16)."})
     lrm_logit_scale: float = field(default=100.0, metadata={"help": "Logit scale of the pairwise KL (paper: 100)."})
@@ -147,8 +148,12 @@ class RGLCDLoss:
     def reward(self, pred: torch.Tensor, cond: Conditioning, prompts: list[str]) -> torch.Tensor:
         """Per-sample reward ``[B]`` of single-step predictions ``pred`` (differentiable w.r.t. ``pred``)."""
         if self.config.mode == "direct":
-            images = self.codec.to_unit(self.codec.decode(pred, chunk_size=self.config.decode_chunk_size).float())
-            return self.expert(images, prompts).float()
+            # The VAE decodes in its own dtype even under mixed precision, as the reference scripts decode
+            # outside autocast: autocast would run SDXL's VAE, kept in float32 because it overflows in
+            # fp16, in fp16 anyway.
+            with torch.autocast(pred.device.type, enabled=False):
+                decoded = self.codec.decode(pred, chunk_size=self.config.decode_chunk_size)
+            return self.expert(self.codec.to_unit(decoded.float()), prompts).float()
         # frozen proxy: its parameters do not require grad outside LRMTrainer.update, so only pred gets gradients
         return self.lrm(pred, cond.encoder_hidden_states)
 

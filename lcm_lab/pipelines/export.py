@@ -16,7 +16,7 @@
       from diffusers import LCMScheduler, StableDiffusionPipeline
       pipe = StableDiffusionPipeline.from_pretrained(TEACHER_DIR)
       pipe.load_lora_weights(DIR); pipe.fuse_lora()
-      pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+      pipe.scheduler = LCMScheduler.from_pretrained(DIR, subfolder="scheduler")  # the run's LCM grid
       image = pipe(prompt, num_inference_steps=4, guidance_scale=1.0).images[0]
 
   A LoRA student has no w-embedding; ``guidance_scale`` > 1 there means ordinary CFG on top.
@@ -113,8 +113,11 @@ def _lcm_scheduler(base: Path, original_inference_steps: int, timestep_scaling: 
         raise ValueError(
             f"`original_inference_steps` ({original_inference_steps}) exceeds num_train_timesteps ({num_train})."
         )
+    # The LCD objective and lcm_lab's samplers never clip or threshold x0; a teacher config that does (an
+    # old DDPM-style "clip_sample": true) must not make the stock pipeline clip latents to [-1, 1].
     return LCMScheduler.from_config(
-        base_scheduler, original_inference_steps=original_inference_steps, timestep_scaling=float(timestep_scaling)
+        base_scheduler, original_inference_steps=original_inference_steps, timestep_scaling=float(timestep_scaling),
+        clip_sample=False, thresholding=False,
     )
 
 
@@ -245,8 +248,11 @@ def export_lcm_sdxl_pipeline(
     return _save_pipeline(out_dir, pipe, target_unet)
 
 
-def export_lora(out_dir: str | os.PathLike, unet_with_lora, adapter_name: str = "default") -> Path:
-    """Save an LCM-LoRA adapter as ``<out_dir>/pytorch_lora_weights.safetensors`` (diffusers LoRA format).
+def export_lora(out_dir: str | os.PathLike, unet_with_lora, adapter_name: str = "default", *,
+                base: str | os.PathLike | None = None, original_inference_steps: int = 50,
+                timestep_scaling: float = 10.0) -> Path:
+    """Save an LCM-LoRA adapter as ``<out_dir>/pytorch_lora_weights.safetensors`` (diffusers LoRA format),
+    and, with ``base``, the matching ``LCMScheduler`` as ``<out_dir>/scheduler/scheduler_config.json``.
 
     ``StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet),
     unet_lora_adapter_metadata=<LoraConfig dict>, safe_serialization=True)``, like diffusers'
@@ -258,13 +264,21 @@ def export_lora(out_dir: str | os.PathLike, unet_with_lora, adapter_name: str = 
 
         pipe = StableDiffusionPipeline.from_pretrained(TEACHER_DIR)
         pipe.load_lora_weights(out_dir); pipe.fuse_lora()
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = LCMScheduler.from_pretrained(out_dir, subfolder="scheduler")
+
+    ``LCMScheduler.from_config(pipe.scheduler.config)`` gives the same sampler only when the run used
+    diffusers' defaults (``original_inference_steps`` 50, ``timestep_scaling`` 10); the saved scheduler
+    carries the run's own values.
 
     Args:
         out_dir: destination folder; replaced atomically if it exists.
         unet_with_lora (`UNet2DConditionModel`): a UNet prepared by :func:`~lcm_lab.models.student.add_lora`
             (plain module, unwrapped). Not modified.
         adapter_name (`str`, defaults to ``"default"``): the peft adapter to export.
+        base: the teacher's diffusers folder; its scheduler config is the base of the saved ``LCMScheduler``
+            (None: no scheduler is written).
+        original_inference_steps, timestep_scaling: the LCD run's skipping-step grid size N
+            (``objective.num_ddim_timesteps``) and boundary-condition scaling, as in :func:`export_lcm_pipeline`.
 
     The file holds UNet layers only, so it is the same for SD and SDXL UNets: an SDXL adapter loads with
     ``StableDiffusionXLPipeline.load_lora_weights``.
@@ -281,9 +295,13 @@ def export_lora(out_dir: str | os.PathLike, unet_with_lora, adapter_name: str = 
     metadata = unet_with_lora.peft_config[adapter_name].to_dict()
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
 
+    scheduler = None if base is None else _lcm_scheduler(Path(base), original_inference_steps, timestep_scaling)
+
     def write(tmp: Path) -> None:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
         )
+        if scheduler is not None:
+            scheduler.save_pretrained(tmp / "scheduler")
 
     return write_folder_atomically(out_dir, write)

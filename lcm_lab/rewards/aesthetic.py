@@ -2,9 +2,11 @@
 https://github.com/christophschuhmann/improved-aesthetic-predictor), used as a reward in
 e.g. DDPO (Black et al. 2023) and RG-LCD (Li et al. 2024).
 
-A linear MLP head (``sac+logos+ava1-l14-linearMSE.pth``) on the L2-normalised CLIP ViT-L/14
-image embedding predicts a 1-10 aesthetic rating (about 5-7 for typical generations). The
-prompt is not used.
+A head on the L2-normalised CLIP ViT-L/14 image embedding predicts a 1-10 aesthetic rating
+(about 5-7 for typical generations): either the improved predictor's linear MLP
+(``sac+logos+ava1-l14-linearMSE.pth``, the default) or LAION's original linear probe
+(``sa_0_4_vit_l_14_linear.pth``, https://github.com/LAION-AI/aesthetic-predictor; the aesthetic
+reward of RG-LCD's ``reward_fn.py``). The prompt is not used.
 """
 
 from __future__ import annotations
@@ -29,34 +31,56 @@ AESTHETIC_CLIP_SOURCE = ("OpenAI CLIP ViT-L/14: the TorchScript ViT-L-14.pt of h
 
 
 class AestheticHead(torch.nn.Module):
-    """The predictor's MLP: Linear(D,1024) Dropout(0.2) Linear(1024,128) Dropout(0.2) Linear(128,64)
-    Dropout(0.1) Linear(64,16) Linear(16,1) (no activations), with the original ``layers.N`` keys."""
+    """A LAION aesthetic head on D-dim CLIP embeddings, with its checkpoint's own keys.
 
-    def __init__(self, input_size: int = 768):
+    ``kind="mlp"``: the improved predictor's Linear(D,1024) Dropout(0.2) Linear(1024,128) Dropout(0.2)
+    Linear(128,64) Dropout(0.1) Linear(64,16) Linear(16,1) (no activations; keys ``layers.N.*``).
+    ``kind="linear"``: the original probe Linear(D, 1) (keys ``weight``, ``bias``).
+    """
+
+    def __init__(self, input_size: int = 768, kind: str = "mlp"):
         super().__init__()
-        self.input_size = int(input_size)
-        self.layers = torch.nn.Sequential(
-            torch.nn.Linear(self.input_size, 1024), torch.nn.Dropout(0.2),
-            torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-            torch.nn.Linear(64, 16),
-            torch.nn.Linear(16, 1),
-        )
+        self.input_size, self.kind = int(input_size), kind
+        if kind == "mlp":
+            self.layers = torch.nn.Sequential(
+                torch.nn.Linear(self.input_size, 1024), torch.nn.Dropout(0.2),
+                torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+                torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                torch.nn.Linear(64, 16),
+                torch.nn.Linear(16, 1),
+            )
+        elif kind == "linear":
+            self.layers = torch.nn.Linear(self.input_size, 1)
+        else:
+            raise ValueError(f"aesthetic head kind must be 'mlp' or 'linear', got {kind!r}")
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.layers(embeddings)
+        # float32 as upstream, also under a caller's autocast (which would run the Linear layers in fp16)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self.layers(embeddings.to(self.layers_dtype))
+
+    @property
+    def layers_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "AestheticHead":
-        """Load ``sac+logos+ava1-l14-linearMSE.pth`` (or any head saved with the same keys)."""
+        """Load ``sac+logos+ava1-l14-linearMSE.pth`` or ``sa_0_4_vit_l_14_linear.pth`` (or any head saved with
+        the same keys)."""
         with reading(path, "aesthetic-predictor head"):
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         if isinstance(state, Mapping) and "state_dict" in state:
             state = state["state_dict"]
-        if not isinstance(state, Mapping) or "layers.0.weight" not in state:
-            raise ValueError(f"{path} is not an aesthetic-predictor head (expected keys layers.0.weight, ...)")
-        head = cls(state["layers.0.weight"].shape[1])
-        head.load_state_dict(state, strict=True)
+        if isinstance(state, Mapping) and "layers.0.weight" in state:
+            head = cls(state["layers.0.weight"].shape[1], "mlp")
+            head.load_state_dict(state, strict=True)
+        elif isinstance(state, Mapping) and set(state) == {"weight", "bias"} and state["weight"].ndim == 2 \
+                and state["weight"].shape[0] == 1:
+            head = cls(state["weight"].shape[1], "linear")
+            head.layers.load_state_dict(state, strict=True)
+        else:
+            raise ValueError(f"{path} is not an aesthetic-predictor head (expected the MLP's keys layers.0.weight, "
+                             "... or the linear probe's weight [1, D] and bias)")
         return head
 
 
@@ -65,7 +89,8 @@ class AestheticReward(RewardModel):
     """LAION aesthetic score: ``head(normalize(clip.encode_image(image)))``; prompts are ignored.
 
     Args:
-        head: ``sac+logos+ava1-l14-linearMSE.pth`` (default ``$LCM_LAB_AESTHETIC_HEAD``).
+        head: ``sac+logos+ava1-l14-linearMSE.pth`` (a folder is searched for that name), or the linear
+            probe ``sa_0_4_vit_l_14_linear.pth`` given as a file (default ``$LCM_LAB_AESTHETIC_HEAD``).
         clip_checkpoint: the CLIP ViT-L/14 the head was trained on: OpenAI's TorchScript
             ``ViT-L-14.pt``, an open_clip folder or weights file
             (default ``$LCM_LAB_AESTHETIC_CLIP_CHECKPOINT``).

@@ -111,6 +111,7 @@ class ImageRewardReward(RewardModel):
         text = blip.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask,
                                  encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, return_dict=True)
         features = text.last_hidden_state[:, 0, :]
-        rewards = self.model.mlp(features.float()).squeeze(-1)  # the head in float32, as the reference
+        with torch.autocast(features.device.type, enabled=False):  # the head in float32 as the reference, even
+            rewards = self.model.mlp(features.float()).squeeze(-1)  # under a caller's autocast
         rewards = (rewards - self.model.mean) / self.model.std
         return rewards.clamp(max=self.clip_max) if self.clip_max is not None else rewards

@@ -260,16 +260,17 @@ class LRMTrainer:
         expert: a :class:`~lcm_lab.rewards.base.RewardModel` (images in ``[0, 1]`` + prompts -> scores);
             only ever called under ``no_grad``.
         codec: a :class:`~lcm_lab.core.latents.LatentCodec` decoding scaled latents to ``[-1, 1]`` images.
-        lr, weight_decay, betas: the LRM's own AdamW (RG-LCD: lr 3.3e-6).
+        lr, weight_decay, betas: the LRM's own AdamW (RG-LCD: lr 3.3e-6, weight decay 0).
         logit_scale: see :func:`pairwise_kl_loss`; it multiplies the expert's scores as they are, so an
             expert should score on a cosine-like scale (HPSv2; weight a ``100 cos`` CLIP score by 0.01).
+            Fixed here; the reference's latent CLIP starts from a learnable one of about the same value.
         decode_chunk_size: latents per VAE decode call.
 
     Under ``torch.distributed`` the LRM's gradients are averaged over ranks, so every rank keeps the
     same proxy (each rank scores its own share of the batch).
     """
 
-    def __init__(self, model: LatentRewardModel, expert, codec, lr: float = 3.3e-6, weight_decay: float = 1e-2,
+    def __init__(self, model: LatentRewardModel, expert, codec, lr: float = 3.3e-6, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), logit_scale: float = 100.0,
                  decode_chunk_size: int = 16) -> None:
         self.model = model.requires_grad_(False).eval()

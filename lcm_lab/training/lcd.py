@@ -194,7 +194,7 @@ class LCDTask:
         if isinstance(batch, tuple):  # cached posterior (mean, std, texts)
             mean, std, texts = batch
             eps = torch.randn(mean.shape, generator=generator)
-            latents = (mean + std * eps).to(device) * codec.scaling_factor
+            latents = codec.scale((mean + std * eps).to(device))
             return latents, list(texts), 0
         pixels = batch["pixel_values"].to(device)
         latents = codec.encode(pixels, generator=generator, sample=True, no_grad=True)
@@ -283,7 +283,8 @@ class LCDTask:
 
         ocfg = self.config.objective
         if self.config.model.lora:
-            export_lora(out_dir / "lora", self.final_unet())
+            export_lora(out_dir / "lora", self.final_unet(), base=self.teacher_dir,
+                        original_inference_steps=ocfg.num_ddim_timesteps, timestep_scaling=ocfg.timestep_scaling)
             return
         online = self.accelerator.unwrap_model(self.student)
         main, other = (self.ema.model, online) if self.config.model.export_unet == "target" else (online, self.ema.model)

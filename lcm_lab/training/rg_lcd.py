@@ -9,7 +9,8 @@ validation and export) with four differences:
   student's single-step prediction; in ``lrm`` mode it also keeps a random ``lrm_subset`` of the
   micro-batch (prediction, LCD target, data latent, text) for the proxy update;
 * ``after_step`` (after the student's optimizer step, before the EMA update) trains the LRM once on that
-  subset (the last micro-batch of the step under gradient accumulation), as the reference code does;
+  subset. Under gradient accumulation that is the last micro-batch's subset only, whereas the reference
+  accumulates the LRM's gradients over the micro-batches too (its shipped recipes use no accumulation);
 * ``extra_state`` adds the LRM weights and its AdamW moments to checkpoints (safetensors); ``export``
   also writes ``final/lrm`` (:meth:`LatentRewardModel.save_pretrained`).
 
