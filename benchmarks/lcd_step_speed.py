@@ -6,8 +6,9 @@
 A step is everything between two batches: LCD loss (teacher, target and student forwards), backward,
 gradient clipping (max norm 1.0), optimizer step, target EMA update (decay 0.95). The two variants:
 
-* **ours** (lcm_lab, as its trainer sets it up): teacher, student and EMA target stored channels-last
-  (:func:`lcm_lab.training.trainer.to_channels_last`, ``LoopConfig.channels_last``, on by default);
+* **ours** (lcm_lab, as its trainer sets it up): conv weights laid out by
+  :func:`lcm_lab.training.trainer.apply_channels_last` (``LoopConfig.channels_last``, default ``"frozen"``:
+  teacher and EMA target channels-last, the trained student NCHW);
   :class:`lcm_lab.objectives.lcd.LCDLoss` (teacher cond + uncond in ONE forward of batch 2B; the
   unconditional embedding of ``""`` computed once, outside the step); the trainer's ``_optimizer`` (fused
   AdamW); ``clip_grad_norm_``; :meth:`lcm_lab.training.ema.EMA.update` (one ``torch._foreach_lerp_``).
@@ -39,7 +40,7 @@ Measurements:
 * phases (``--no-phases`` to skip): median seconds of forward / uncond encoding / backward / clipping /
   AdamW / EMA during the timed steps (on CUDA the phase marks synchronize);
 * correctness (in this process, by default only at ``--scale toy``): two copies of the same weights, one
-  per variant (ours channels-last, reference NCHW); one step of each from that identical state with
+  per variant (ours laid out as its trainer does, reference NCHW); one step of each from that identical state with
   identical draws; the max abs difference of the students' (and targets') parameters afterwards, the
   max abs update as a scale, and the clipped gradients the two optimizers received. See
   :func:`check_one_step` for why a few weights can differ by more than float rounding.
@@ -83,7 +84,7 @@ from lcm_lab.models.sd import encode_prompts, load_ldm  # noqa: E402
 from lcm_lab.models.student import make_w_student  # noqa: E402
 from lcm_lab.objectives.lcd import Conditioning, LCDConfig, LCDLoss  # noqa: E402
 from lcm_lab.training.ema import EMA  # noqa: E402
-from lcm_lab.training.trainer import LoopConfig, _optimizer, to_channels_last  # noqa: E402
+from lcm_lab.training.trainer import LoopConfig, _optimizer, apply_channels_last  # noqa: E402
 
 SCALES = ("toy", "sd15")
 VARIANTS = ("ours", "reference")
@@ -234,7 +235,7 @@ class PhaseTimer:
 
 
 class OursStep:
-    """lcm_lab's step, set up like its trainer: channels-last nets (``LoopConfig.channels_last``),
+    """lcm_lab's step, set up like its trainer: memory layout per ``LoopConfig.channels_last``,
     :class:`LCDLoss`, the trainer's fused AdamW, ``clip_grad_norm_``, :meth:`EMA.update`.
     Converts ``setup``'s teacher, student and target in place."""
 
@@ -242,8 +243,7 @@ class OursStep:
 
     def __init__(self, setup: Setup) -> None:
         self.s = setup
-        if setup.loop.channels_last:
-            to_channels_last(setup.teacher, setup.student, setup.target)
+        apply_channels_last(setup.loop.channels_last, setup.student, setup.teacher, setup.target)
         uncond = Conditioning(encode_prompts(setup.tokenizer, setup.text_encoder, [""], allow_empty=True))
         self.loss_fn = LCDLoss(setup.objective, setup.teacher, setup.schedule, uncond, W_EMBEDDING_DIM)
         self.cond = Conditioning(setup.cond)
@@ -401,7 +401,7 @@ class ReferenceStep:
 
 
 def make_step(setup: Setup, variant: str, reference_uncond: str = "once") -> OursStep | ReferenceStep:
-    """The step of ``variant`` on ``setup`` (``"ours"`` converts the setup's nets to channels-last)."""
+    """The step of ``variant`` on ``setup`` (``"ours"`` lays out the setup's nets as its trainer does)."""
     if variant == "ours":
         return OursStep(setup)
     if variant == "reference":
@@ -446,10 +446,10 @@ def check_one_step(ours: OursStep, ref: ReferenceStep, seed: int = 0, keep_grads
 
     Why a parameter can differ by much more than float rounding: AdamW's first update is
     ``lr * g / (|g| + eps)``; for a weight whose gradient is within a few hundred ``eps`` (1e-8) a
-    rounding-level change of ``g`` (channels-last vs NCHW convolutions, the batched 2B teacher forward vs
+    rounding-level change of ``g`` (channels-last vs NCHW convolutions of the teacher and target, the batched 2B teacher forward vs
     two B forwards, amplified by the pseudo-Huber loss's ``1/c`` = 1000 near zero residual) moves that
     weight's update by up to ``2 * lr``. Measured at toy scale, batch 4: with both variants NCHW the
-    gradients are bit-identical and the students 1.5e-8 apart; with ours channels-last, 232 of 3.1M
+    gradients are bit-identical and the students 1.5e-8 apart; with all of ours channels-last, 232 of 3.1M
     weights (all with |g| < 2.4e-7) differ by up to 1.4e-4, all others by < 2e-7. The gradients show
     whether the two steps agree.
     """
@@ -530,7 +530,8 @@ def run_variant(args) -> dict:
            "peak_rss_mib": peak_rss_mib(), "peak_rss_after_build_mib": rss_after_build, "build_seconds": build_s,
            "phase_seconds": timer.seconds if timer else None, "threads": torch.get_num_threads(),
            "student_params": setup.num_params(), "latent_size": setup.latent_size,
-           "conv_weight_channels_last": setup.student.conv_in.weight.is_contiguous(memory_format=torch.channels_last),
+           "channels_last": {net: getattr(setup, net).conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+                             for net in ("teacher", "student", "target")},
            "optimizer": type(opt).__name__ + str({k: opt.defaults.get(k) for k in ("fused", "foreach")})}
     if setup.device.type == "cuda":
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(setup.device) / 2**20
@@ -586,6 +587,11 @@ def _fmt(x, spec: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
+def _layout(channels_last: dict[str, bool]) -> str:
+    nets = [net for net, cl in channels_last.items() if cl]
+    return " + ".join(nets) if nets else "none"
+
+
 def markdown(result: dict) -> str:
     r, m, st = result["row"], result["machine"], result["settings"]
     load = ", load average " + "/".join(f"{x:.2f}" for x in m["load_average"]) if m.get("load_average") else ""
@@ -607,7 +613,7 @@ def markdown(result: dict) -> str:
         + ", ".join(f"{x:.3f}x" for x in r["speed_up_per_round"]) + ".",
         "",
         f"Timing: {result['timing_method']}. Memory: {result['memory_method']}. Conv weights channels-last: ours "
-        f"{st['ours_channels_last']}, reference {st['reference_channels_last']}. Optimizer: ours "
+        f"{_layout(st['ours_channels_last'])}, reference {_layout(st['reference_channels_last'])}. Optimizer: ours "
         f"{st['ours_optimizer']}, reference {st['reference_optimizer']}. Reference uncond embedding: "
         f"{st['reference_uncond']}. Student {r['student_params'] / 1e6:.1f}M parameters.",
     ]
@@ -616,7 +622,7 @@ def markdown(result: dict) -> str:
     c = result.get("check")
     if c:
         lines.append(
-            f"One step from identical state and draws (separate copies: ours channels-last, reference NCHW): "
+            f"One step from identical state and draws (separate copies: ours as above, reference NCHW): "
             f"max abs dparam student {c['max_abs_diff_student']:.2e} ({c['n_student_elements_differ_gt_1e-6']} of "
             f"{c['n_elements']} elements differ by > 1e-6; {c['max_abs_diff_student_grad_gt_1e-6']:.2e} where abs "
             f"grad > 1e-6), target {c['max_abs_diff_target']:.2e}; max abs update "
@@ -712,8 +718,8 @@ def main(argv=None) -> dict | None:
                      "device": args.device, "reference_uncond": args.reference_uncond, "pipeline": args.pipeline,
                      "learning_rate": loop.learning_rate, "max_grad_norm": loop.max_grad_norm,
                      "ema_decay": objective.target_ema_decay, "loss": f"{objective.loss_type} (c={objective.huber_c})",
-                     "ours_channels_last": first["ours"]["conv_weight_channels_last"],
-                     "reference_channels_last": first["reference"]["conv_weight_channels_last"],
+                     "ours_channels_last": first["ours"]["channels_last"],
+                     "reference_channels_last": first["reference"]["channels_last"],
                      "ours_optimizer": first["ours"]["optimizer"],
                      "reference_optimizer": first["reference"]["optimizer"]},
         "timing_method": f"{args.rounds} round(s) of one subprocess per variant (order alternating), each "

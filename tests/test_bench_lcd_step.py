@@ -53,8 +53,9 @@ def test_one_step_same_update():
 
 def test_variant_setups():
     ours, ref = bench.make_pair("toy", batch_size=4, seed=0)
-    for net in ("teacher", "student", "target"):
-        assert getattr(ours.s, net).conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for net in ("teacher", "student", "target"):  # the trainer's default layout: only the frozen nets channels-last
+        assert getattr(ours.s, net).conv_in.weight.is_contiguous(
+            memory_format=torch.channels_last if net != "student" else torch.contiguous_format)
         assert getattr(ref.s, net).conv_in.weight.is_contiguous()
         assert getattr(ours.s, net) is not getattr(ref.s, net)
     assert ours.optimizer.defaults.get("fused") is True
@@ -94,7 +95,9 @@ def test_cli_subprocess_json(tmp_path):
     row = data["row"]
     assert row["batch_size"] == 2 and row["latent_size"] == 8 and row["speed_up"] > 0
     assert data["check"] is None and row["max_abs_diff_student"] is None
-    assert data["settings"]["ours_channels_last"] is True and data["settings"]["reference_channels_last"] is False
+    assert data["settings"]["ours_channels_last"] == {"teacher": True, "student": False, "target": True}
+    assert not any(data["settings"]["reference_channels_last"].values())
+    assert "channels-last: ours teacher + target, reference none" in result["markdown"]
     assert row["speed_up_per_round"] == pytest.approx([row["speed_up"]])  # one round: its medians are the overall ones
     assert "| toy | 2 | 8x8 |" in result["markdown"]
     assert data["machine"]["torch"] == torch.__version__

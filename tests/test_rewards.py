@@ -509,6 +509,74 @@ def test_imagereward_rejects_a_checkpoint_without_its_weights(tmp_path, monkeypa
     imagereward.ImageRewardReward(tmp_path)  # one unused tensor missing: loads, as upstream
 
 
+class _FakeEncoding:
+    def __init__(self, input_ids):
+        self.input_ids, self.attention_mask = input_ids, torch.ones_like(input_ids)
+
+    def to(self, device):
+        return self
+
+
+class _FakeBLIPTokenizer:
+    """Token ids from the characters of each prompt; records the requested max_length."""
+
+    def __call__(self, prompts, padding, truncation, max_length, return_tensors):
+        self.max_length = max_length
+        return _FakeEncoding(torch.tensor([[ord(c) % 50 for c in (p * max_length)[:max_length]] for p in prompts]))
+
+
+class _FakeBLIPText(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, dim)
+
+    def forward(self, input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, return_dict):
+        import types
+
+        hidden = self.embed(input_ids) + encoder_hidden_states.mean(1, keepdim=True)
+        return types.SimpleNamespace(last_hidden_state=hidden)
+
+
+class _FakeImageRewardModel(torch.nn.Module):
+    """ImageReward's layout (blip.tokenizer / visual_encoder / text_encoder, mlp, mean, std) at toy size."""
+
+    def __init__(self, med_config, device, dim=8):
+        super().__init__()
+        self.blip = torch.nn.Module()
+        self.blip.tokenizer = _FakeBLIPTokenizer()
+        self.blip.visual_encoder = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(2),
+                                                       torch.nn.Linear(4, dim))  # [B, 3, 4] -> [B, 3, dim] tokens
+        self.blip.text_encoder = _FakeBLIPText(dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4), torch.nn.Linear(4, 1))
+        self.mean, self.std = 0.3, 2.0
+
+
+def test_imagereward_score_standardises_and_clips_the_heads_output(tmp_path, monkeypatch):
+    """score = min((mlp(BLIP [CLS] feature) - mean) / std, clip_max), text at ImageReward's 35 tokens."""
+    from lcm_lab.rewards import imagereward
+
+    monkeypatch.setattr(imagereward, "_imagereward_class", lambda: _FakeImageRewardModel)
+    (tmp_path / "med_config.json").write_text("{}")
+    torch.manual_seed(5)
+    torch.save(_FakeImageRewardModel(None, "cpu").state_dict(), tmp_path / "ImageReward.pt")
+    reward = imagereward.ImageRewardReward(tmp_path)
+    images = _images(seed=15)
+    m = reward.model
+    with torch.no_grad():
+        enc = m.blip.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        image_embeds = m.blip.visual_encoder(reward.preprocess(images))
+        cls = m.blip.text_encoder(enc.input_ids, enc.attention_mask, image_embeds, None, True).last_hidden_state[:, 0]
+        expected = (m.mlp(cls).squeeze(-1) - 0.3) / 2.0
+        got = reward(images, PROMPTS)
+    assert m.blip.tokenizer.max_length == 35
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    clip_max = float(expected.median())
+    clipped = imagereward.ImageRewardReward(tmp_path, clip_max=clip_max)
+    with torch.no_grad():
+        torch.testing.assert_close(clipped(images, PROMPTS), expected.clamp(max=clip_max), atol=1e-6, rtol=1e-6)
+    assert float(expected.max()) > clip_max  # the clip did act
+
+
 # ----------------------------------------------------------------------------- toy-clip
 
 

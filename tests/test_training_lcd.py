@@ -182,11 +182,25 @@ def test_yaml_booleans_are_only_true_and_false(tmp_path):
     cfg = load_method_config("lcd", None, ["train.mixed_precision=no", "train.progress=false"])
     assert cfg.train.mixed_precision == "no" and cfg.train.progress is False
     path = tmp_path / "run.yaml"
-    path.write_text("train:\n  mixed_precision: no\n  channels_last: False\n")
+    path.write_text("train:\n  mixed_precision: no\n  channels_last: none\n")
     cfg = load_method_config("lcd", path)
-    assert cfg.train.mixed_precision == "no" and cfg.train.channels_last is False
+    assert cfg.train.mixed_precision == "no" and cfg.train.channels_last == "none"
     with pytest.raises(ConfigError, match="must be bool"):
         load_method_config("lcd", None, ["train.progress=off"])
+
+
+@pytest.mark.parametrize("mode, expected", [("frozen", (True, False, True)), ("all", (True, True, True)),
+                                            ("none", (False, False, False))])
+def test_channels_last_modes_lay_out_teacher_student_and_target(tmp_path, mode, expected):
+    from accelerate import Accelerator
+
+    task = LCDTask(load_method_config("lcd", REPO / "configs/toy/lcd.yaml",
+                                      tiny_overrides(tmp_path, 1, **{"train.channels_last": mode})))
+    task.setup(Accelerator(cpu=True), channels_last=task.config.train.channels_last)
+    nets = (task.ldm.unet, task.student, task.ema.model)  # teacher, student, EMA target
+    assert tuple(n.conv_in.weight.is_contiguous(memory_format=torch.channels_last) for n in nets) == expected
+    with pytest.raises(ConfigError, match="channels_last must be one of frozen, all, none"):
+        load_method_config("lcd", None, ["train.channels_last=yes"])
 
 
 def test_cli_rejects_unknown_key(capsys):

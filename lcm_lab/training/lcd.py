@@ -33,7 +33,7 @@ from ..objectives.lcd import Conditioning, LCDConfig, LCDLoss
 from ..toy.world import IMAGE_SIZE as TOY_IMAGE_SIZE
 from .data import DataConfig, StepBatchSampler, build_dataset, encode_dataset, make_dataloader
 from .ema import EMA
-from .trainer import LoopConfig, to_channels_last, train
+from .trainer import LoopConfig, apply_channels_last, train
 
 __all__ = ["ModelConfig", "ValidationConfig", "LCDRunConfig", "LCDTask", "train_lcd"]
 
@@ -136,7 +136,7 @@ class LCDTask:
         self.skipped = 0
 
     # ------------------------------------------------------------------ setup
-    def setup(self, accelerator, channels_last: bool = True) -> None:
+    def setup(self, accelerator, channels_last: str = "frozen") -> None:
         self.accelerator = accelerator
         device = accelerator.device
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -150,8 +150,7 @@ class LCDTask:
         self.student.to(device)
         if self.ema is not None:
             self.ema.model.to(device)
-        if channels_last:
-            to_channels_last(self.ldm.unet, self.student, self.ema.model if self.ema is not None else None)
+        apply_channels_last(channels_last, self.student, self.ldm.unet, self.ema.model if self.ema is not None else None)
         if self.sdxl:
             uncond = sdxl_uncond(self._encode_sdxl([""]))  # zeros; time_ids come per sample from cond
         else:

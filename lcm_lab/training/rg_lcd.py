@@ -83,7 +83,7 @@ class RGLCDTask(LCDTask):
             self.lrm.requires_grad_(False).eval()
 
     # ------------------------------------------------------------------ setup
-    def setup(self, accelerator, channels_last: bool = True) -> None:
+    def setup(self, accelerator, channels_last: str = "frozen") -> None:
         super().setup(accelerator, channels_last)
         rcfg = self.config.reward
         device = accelerator.device

@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["LoopConfig", "Task", "train", "step_generator", "to_channels_last"]
+__all__ = ["LoopConfig", "Task", "train", "step_generator", "apply_channels_last"]
+
+CHANNELS_LAST = ("frozen", "all", "none")  # LoopConfig.channels_last, see apply_channels_last
 
 
 @dataclass
@@ -48,8 +50,9 @@ class LoopConfig:
         "help": "'no', 'fp16' or 'bf16': frozen nets run in it, the student keeps fp32 master weights."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute student activations."})
     attention: str = field(default="sdpa", metadata={"help": "'sdpa' (PyTorch) or 'xformers' (GPU, optional)."})
-    channels_last: bool = field(default=True, metadata={
-        "help": "Store UNet conv weights channels-last (faster LCD forwards on CPU; see benchmarks/RESULTS.md)."})
+    channels_last: str = field(default="frozen", metadata={
+        "help": "Conv weights stored channels-last: 'frozen' (teacher and EMA target, which only run forward "
+                "passes), 'all' (the student too) or 'none'. See apply_channels_last."})
     checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={
@@ -65,6 +68,8 @@ class LoopConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.channels_last not in CHANNELS_LAST:
+            raise ValueError(f"channels_last must be one of {', '.join(CHANNELS_LAST)}, got {self.channels_last!r}")
         if self.attention not in ("sdpa", "xformers"):
             raise ValueError(f"attention must be 'sdpa' or 'xformers', got {self.attention!r}")
         from diffusers.optimization import SchedulerType
@@ -89,9 +94,9 @@ class Task(Protocol):
 
     student: torch.nn.Module  # the trained network (its trainable parameters are optimised)
 
-    def setup(self, accelerator, channels_last: bool) -> None:
-        """Move networks to the device (frozen ones in the mixed-precision dtype, all channels-last when
-        asked, see :func:`to_channels_last`); build anything device-bound."""
+    def setup(self, accelerator, channels_last: str) -> None:
+        """Move networks to the device (frozen ones in the mixed-precision dtype, the memory layout per
+        :func:`apply_channels_last`); build anything device-bound."""
 
     def batches(self, rank: int, start: int):
         """Iterator over micro-batches, the first being micro-step ``start`` of this rank."""
@@ -114,11 +119,18 @@ class Task(Protocol):
         """Write the final model(s) in a stock format."""
 
 
-def to_channels_last(*modules: torch.nn.Module | None) -> None:
-    """Store 4-D (conv) weights in channels-last layout. On CPU (oneDNN) it sped up the forward passes
-    of an LCD step and, at toy size, the backward too, but slowed the SD1.5-size backward by ~8%
-    (benchmarks/RESULTS.md, "LCD training step"); results differ from NCHW only by float rounding."""
-    for m in modules:
+def apply_channels_last(mode: str, student: torch.nn.Module, *frozen: torch.nn.Module | None) -> None:
+    """Store 4-D (conv) weights channels-last as ``LoopConfig.channels_last`` says: the ``frozen`` nets
+    (teacher, EMA target) for ``"frozen"`` and ``"all"``, the trained ``student`` too for ``"all"``.
+
+    Why "frozen" by default: on CPU (oneDNN) channels-last sped up the forward passes of an LCD step but
+    made the student's SD1.5-size backward 8-49% slower (benchmarks/RESULTS.md, "LCD training step"), and
+    the frozen nets only run forwards. Results differ from NCHW only by float rounding.
+    """
+    if mode not in CHANNELS_LAST:
+        raise ValueError(f"channels_last must be one of {', '.join(CHANNELS_LAST)}, got {mode!r}")
+    nets = (*frozen, student) if mode == "all" else frozen if mode == "frozen" else ()
+    for m in nets:
         if m is not None:
             m.to(memory_format=torch.channels_last)
 
