@@ -124,6 +124,25 @@ def test_lcm_parity(unet, text, prediction_type, steps):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @torch.no_grad()
+def test_lcm_parity_non_default_grid_and_boundary_scaling(unet, text, prediction_type):
+    """A student distilled with N = 20 and timestep_scaling 5 (what an export's LCMScheduler then carries)."""
+    cond, _ = text
+    w_emb = guidance_scale_embedding(torch.full((3,), 3.0), W_DIM)
+    sched = LCMScheduler.from_config({**SD_CONFIG, "prediction_type": prediction_type,
+                                      "original_inference_steps": 20, "timestep_scaling": 5.0})
+    sched.set_timesteps(3)
+    ref = scheduler_loop(sched, pipeline_unet(unet, cond, timestep_cond=w_emb), initial_latents(),
+                         generators_for_seeds(SEEDS))
+    ts = lcm_timesteps(3, original_inference_steps=20)
+    assert torch.equal(ts, sched.timesteps)
+    ours = sample_lcm(UNetModel(unet, cond, timestep_cond=w_emb), initial_latents(), NoiseSchedule.from_scheduler(sched),
+                      ts, generator=generators_for_seeds(SEEDS), timestep_scaling=5.0)
+    assert_close(ours, ref)
+    assert not torch.equal(ts, lcm_timesteps(3))  # N = 20 picks other timesteps than the default N = 50
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@torch.no_grad()
 def test_lcm_parity_with_cfg(unet, text, prediction_type):
     cond, uncond = text
     sched = LCMScheduler.from_config({**SD_CONFIG, "prediction_type": prediction_type})

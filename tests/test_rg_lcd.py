@@ -152,6 +152,41 @@ def test_lrm_mode_keeps_the_vae_decoder_out_of_the_student_gradient(tmp_path):
     assert {"lrm_loss", "lrm_pairwise_acc", "expert_reward"} <= set(step_logs)
 
 
+def test_lrm_update_gets_aligned_prediction_target_data_triplets(tmp_path):
+    """The proxy's update sees, for each kept sample, the student's prediction, the LCD target (from the EMA
+    target net) and the data latent of the SAME sample, with that sample's prompt and text states."""
+    from accelerate import Accelerator
+
+    task = make_task(tmp_path, TOY_LRM)
+    task.setup(Accelerator(cpu=True), channels_last="none")
+    seen = {}
+    objective = task.rg_objective
+
+    class Recording:
+        def __call__(self, student, target, latents, cond, prompts, generator=None):
+            loss, logs = objective(student, target, latents, cond, prompts, generator)
+            seen.update(latents=latents, cond=cond.encoder_hidden_states, prompts=list(prompts), logs=logs,
+                        target_net=target)
+            return loss, logs
+
+    task.rg_objective = Recording()
+    task.loss(task.student, next(task.batches(0, 0)), step_generator(0, 0, 0))
+    assert seen["target_net"] is task.ema.model  # the LCD target comes from the EMA target network
+    pending = task._pending
+    pred, target, data = pending["sets"]
+    n = len(pending["prompts"])
+    assert n == task.config.reward.lrm_subset == 3 and pred.shape[0] == target.shape[0] == data.shape[0] == n
+    for j in range(n):  # find each kept sample in the batch by its data latent
+        matches = [i for i in range(len(seen["prompts"])) if torch.equal(seen["latents"][i], data[j])]
+        assert len(matches) == 1
+        i = matches[0]
+        assert torch.equal(pred[j], seen["logs"]["pred"][i].detach())
+        assert torch.equal(target[j], seen["logs"]["target"][i])
+        assert pending["prompts"][j] == seen["prompts"][i]
+        assert torch.equal(pending["text_states"][j], seen["cond"][i])
+    assert not pred.requires_grad  # the proxy update never reaches the student
+
+
 def test_direct_mode_differentiates_through_the_vae_decoder(tmp_path):
     task = make_task(tmp_path, TOY_DIRECT)
     calls, decoder_grads, student_grad, _ = _one_loss(task)
