@@ -1,4 +1,11 @@
-"""Run by tests/test_training_lcd.py under torchrun with two CPU ranks (gloo)."""
+"""Run by tests/test_training_lcd.py / test_rg_lcd.py under accelerate with two CPU ranks (gloo).
+
+    ddp_lcd.py OUT [lcd|rg_lcd]
+
+Writes each rank's student (and, for rg_lcd, latent reward model) parameters to OUT/rank<r>.safetensors and,
+from rank 0, OUT/ranks.json (world size, whether the ranks drew different data, whether training changed
+the weights).
+"""
 
 import json
 import sys
@@ -10,23 +17,35 @@ from safetensors.torch import save_file
 from lcm_lab.training import load_method_config
 from lcm_lab.training.data import StepBatchSampler
 from lcm_lab.training.lcd import LCDTask
+from lcm_lab.training.rg_lcd import RGLCDTask
 from lcm_lab.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]
 
 out = Path(sys.argv[1])
+method = sys.argv[2] if len(sys.argv) > 2 else "lcd"
 overrides = [f"train.output_dir={out / 'run'}", "train.max_steps=3", "train.batch_size=4", "train.learning_rate=1e-3",
              "train.lr_warmup_steps=0", "train.report_to=none", "train.validation_steps=0", "train.progress=false",
              "data.num_images=16", "data.cache_latents=true"]
-cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", overrides)
-task = LCDTask(cfg)
-before = {n: p.detach().clone() for n, p in task.student.named_parameters()}
+if method == "rg_lcd":  # LRM mode, trained online only (no pre-training), on 3 samples per rank and step
+    overrides += ["reward.lrm_lr=1e-3", "reward.lrm_subset=3", "reward.lrm_pretrain_steps=0"]
+cfg = load_method_config(method, REPO / f"configs/toy/{method}.yaml", overrides)
+task = (RGLCDTask if method == "rg_lcd" else LCDTask)(cfg)
+
+
+def named_parameters():
+    nets = {"student": task.student, **({"lrm": task.lrm} if method == "rg_lcd" else {})}
+    return {f"{net}.{n}": p.detach().cpu().contiguous() for net, m in nets.items() for n, p in m.named_parameters()}
+
+
+before = {n: p.clone() for n, p in named_parameters().items()}
 train(cfg.train, task)
 rank = task.accelerator.process_index
-params = {n: p.detach().cpu().contiguous() for n, p in task.student.named_parameters()}
+params = named_parameters()
 save_file(params, out / f"rank{rank}.safetensors")
 if rank == 0:
     info = {"world_size": task.accelerator.num_processes,
             "batches_differ": StepBatchSampler(16, 4, 0, 0).batch(0) != StepBatchSampler(16, 4, 0, 1).batch(0),
-            "changed": any(not torch.equal(before[n], params[n]) for n in params)}
+            "changed": {net: any(not torch.equal(before[n], params[n]) for n in params if n.startswith(net + "."))
+                        for net in ("student", "lrm") if any(n.startswith(net + ".") for n in params)}}
     (out / "ranks.json").write_text(json.dumps(info))
