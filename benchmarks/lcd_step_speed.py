@@ -446,8 +446,8 @@ def check_one_step(ours: OursStep, ref: ReferenceStep, seed: int = 0, keep_grads
 
     Why a parameter can differ by much more than float rounding: AdamW's first update is
     ``lr * g / (|g| + eps)``; for a weight whose gradient is within a few hundred ``eps`` (1e-8) a
-    rounding-level change of ``g`` (channels-last vs NCHW convolutions of the teacher and target, the batched 2B teacher forward vs
-    two B forwards, amplified by the pseudo-Huber loss's ``1/c`` = 1000 near zero residual) moves that
+    rounding-level change of ``g`` (channels-last vs NCHW convolutions, the batched 2B teacher forward vs two B
+    forwards, amplified by the pseudo-Huber loss's ``1/c`` = 1000 near zero residual) moves that
     weight's update by up to ``2 * lr``. Measured at toy scale, batch 4: with both variants NCHW the
     gradients are bit-identical and the students 1.5e-8 apart; with all of ours channels-last, 232 of 3.1M
     weights (all with |g| < 2.4e-7) differ by up to 1.4e-4, all others by < 2e-7. The gradients show

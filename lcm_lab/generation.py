@@ -8,7 +8,6 @@ is the same whatever the batch size or the other prompts in its batch (EDM's
 from __future__ import annotations
 
 import math
-
 import time
 from collections.abc import Sequence
 

@@ -129,7 +129,8 @@ def add_lora(
         dropout (`float`, defaults to 0.0): LoRA dropout in ``[0, 1)``.
         target_modules (list of `str`, *optional*): module-name suffixes; defaults to
             :data:`LORA_TARGET_MODULES`. Each must match at least one module of ``unet``.
-        init (`bool` or `str`, defaults to ``True``): peft ``init_lora_weights`` (e.g. ``"gaussian"``: A with std 1/rank).
+        init (`bool` or `str`, defaults to ``True``): peft ``init_lora_weights`` (e.g. ``"gaussian"``: A with
+            std 1/rank).
 
     Returns:
         the same ``unet`` with a ``"default"`` adapter, active.

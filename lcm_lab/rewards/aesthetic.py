@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..readable import reading
-from .base import RewardModel, missing_weights, register, resolve_weights
+from .base import RewardModel, float32_head, missing_weights, register, resolve_weights
 from .clip_score import as_dtype, load_open_clip, open_clip_preprocessor
 
 AESTHETIC_HEAD_ENV = "LCM_LAB_AESTHETIC_HEAD"
@@ -55,13 +55,7 @@ class AestheticHead(torch.nn.Module):
             raise ValueError(f"aesthetic head kind must be 'mlp' or 'linear', got {kind!r}")
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        # float32 as upstream, also under a caller's autocast (which would run the Linear layers in fp16)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            return self.layers(embeddings.to(self.layers_dtype))
-
-    @property
-    def layers_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self.layers(embeddings)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "AestheticHead":
@@ -136,4 +130,4 @@ class AestheticReward(RewardModel):
         return F.normalize(self.clip.encode_image(pixels).float(), dim=-1)
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        return self.head(self.image_features(images)).squeeze(-1)
+        return float32_head(self.head, self.image_features(images)).squeeze(-1)

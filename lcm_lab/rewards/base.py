@@ -247,6 +247,13 @@ class RewardModel(torch.nn.Module):
         return f"name={self.name!r}, differentiable={self.differentiable}, input_size={self.input_size}"
 
 
+def float32_head(head: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """``head(features)`` in float32 with autocast off, as the reference scorers run their small heads
+    (the aesthetic MLP, ImageReward's MLP) whatever the backbone's dtype or a caller's mixed precision."""
+    with torch.autocast(features.device.type, enabled=False):
+        return head(features.float())
+
+
 # ----------------------------------------------------------------------------- weight files
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..readable import reading
-from .base import ImagePreprocessor, RewardModel, missing_weights, register, resolve_weights
+from .base import ImagePreprocessor, RewardModel, float32_head, missing_weights, register, resolve_weights
 from .clip_score import as_dtype
 
 IMAGEREWARD_CHECKPOINT_ENV = "LCM_LAB_IMAGEREWARD_CHECKPOINT"
@@ -111,7 +111,6 @@ class ImageRewardReward(RewardModel):
         text = blip.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask,
                                  encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, return_dict=True)
         features = text.last_hidden_state[:, 0, :]
-        with torch.autocast(features.device.type, enabled=False):  # the head in float32 as the reference, even
-            rewards = self.model.mlp(features.float()).squeeze(-1)  # under a caller's autocast
+        rewards = float32_head(self.model.mlp, features).squeeze(-1)
         rewards = (rewards - self.model.mean) / self.model.std
         return rewards.clamp(max=self.clip_max) if self.clip_max is not None else rewards

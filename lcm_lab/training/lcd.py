@@ -150,7 +150,8 @@ class LCDTask:
         self.student.to(device)
         if self.ema is not None:
             self.ema.model.to(device)
-        apply_channels_last(channels_last, self.student, self.ldm.unet, self.ema.model if self.ema is not None else None)
+        target = self.ema.model if self.ema is not None else None
+        apply_channels_last(channels_last, self.student, self.ldm.unet, target)
         if self.sdxl:
             uncond = sdxl_uncond(self._encode_sdxl([""]))  # zeros; time_ids come per sample from cond
         else:

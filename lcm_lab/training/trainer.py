@@ -28,6 +28,11 @@ __all__ = ["LoopConfig", "Task", "train", "step_generator", "apply_channels_last
 CHANNELS_LAST = ("frozen", "all", "none")  # LoopConfig.channels_last, see apply_channels_last
 
 
+def _check_channels_last(mode: str) -> None:
+    if mode not in CHANNELS_LAST:
+        raise ValueError(f"channels_last must be one of {', '.join(CHANNELS_LAST)}, got {mode!r}")
+
+
 @dataclass
 class LoopConfig:
     """Settings of the training loop shared by every method (defaults: diffusers' LCD scripts)."""
@@ -68,8 +73,7 @@ class LoopConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-        if self.channels_last not in CHANNELS_LAST:
-            raise ValueError(f"channels_last must be one of {', '.join(CHANNELS_LAST)}, got {self.channels_last!r}")
+        _check_channels_last(self.channels_last)
         if self.attention not in ("sdpa", "xformers"):
             raise ValueError(f"attention must be 'sdpa' or 'xformers', got {self.attention!r}")
         from diffusers.optimization import SchedulerType
@@ -127,8 +131,7 @@ def apply_channels_last(mode: str, student: torch.nn.Module, *frozen: torch.nn.M
     made the student's SD1.5-size backward 8-49% slower (benchmarks/RESULTS.md, "LCD training step"), and
     the frozen nets only run forwards. Results differ from NCHW only by float rounding.
     """
-    if mode not in CHANNELS_LAST:
-        raise ValueError(f"channels_last must be one of {', '.join(CHANNELS_LAST)}, got {mode!r}")
+    _check_channels_last(mode)
     nets = (*frozen, student) if mode == "all" else frozen if mode == "frozen" else ()
     for m in nets:
         if m is not None:

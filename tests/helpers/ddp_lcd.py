@@ -33,19 +33,20 @@ cfg = load_method_config(method, REPO / f"configs/toy/{method}.yaml", overrides)
 task = (RGLCDTask if method == "rg_lcd" else LCDTask)(cfg)
 
 
-def named_parameters():
-    nets = {"student": task.student, **({"lrm": task.lrm} if method == "rg_lcd" else {})}
-    return {f"{net}.{n}": p.detach().cpu().contiguous() for net, m in nets.items() for n, p in m.named_parameters()}
+nets = {"student": task.student, **({"lrm": task.lrm} if method == "rg_lcd" else {})}
 
 
-before = {n: p.clone() for n, p in named_parameters().items()}
+def parameters(net: str) -> dict[str, torch.Tensor]:
+    return {f"{net}.{n}": p.detach().cpu().contiguous() for n, p in nets[net].named_parameters()}
+
+
+before = {net: parameters(net) for net in nets}
 train(cfg.train, task)
 rank = task.accelerator.process_index
-params = named_parameters()
-save_file(params, out / f"rank{rank}.safetensors")
+after = {net: parameters(net) for net in nets}
+save_file({k: v for params in after.values() for k, v in params.items()}, out / f"rank{rank}.safetensors")
 if rank == 0:
     info = {"world_size": task.accelerator.num_processes,
             "batches_differ": StepBatchSampler(16, 4, 0, 0).batch(0) != StepBatchSampler(16, 4, 0, 1).batch(0),
-            "changed": {net: any(not torch.equal(before[n], params[n]) for n in params if n.startswith(net + "."))
-                        for net in ("student", "lrm") if any(n.startswith(net + ".") for n in params)}}
+            "changed": {net: any(not torch.equal(before[net][k], v) for k, v in after[net].items()) for net in nets}}
     (out / "ranks.json").write_text(json.dumps(info))
