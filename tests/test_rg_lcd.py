@@ -3,16 +3,11 @@ models under training, the LRM learning a non-differentiable expert, exact resum
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lcm_lab.rewards.lrm import LatentRewardModel, LRMTrainer, listwise_kl_loss, pairwise_accuracy, pairwise_kl_loss
 from lcm_lab.training import load_method_config
@@ -21,6 +16,7 @@ from lcm_lab.training.rg_lcd import RGLCDTask
 from lcm_lab.training.trainer import step_generator, train
 
 from helpers.tiny_run import tiny_overrides as _tiny_overrides
+from helpers.two_ranks import run_two_cpu_ranks
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -195,16 +191,9 @@ def test_lrm_update_gets_aligned_prediction_target_data_triplets(tmp_path):
 def test_two_cpu_ranks_keep_identical_student_and_lrm(tmp_path):
     """The LRM's gradients are all-reduced like the student's: two CPU ranks (REFERENCE.md §7) that train
     on different data end with the same student and the same latent reward model."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           str(REPO / "tests" / "helpers" / "ddp_lcd.py"), str(tmp_path), "rg_lcd"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    r0, r1, info = run_two_cpu_ranks(tmp_path, "rg_lcd", port=29533)
     assert r0.keys() == r1.keys() and any(k.startswith("lrm.") for k in r0)
     assert all(torch.equal(r0[k], r1[k]) for k in r0), [k for k in r0 if not torch.equal(r0[k], r1[k])][:5]
-    info = json.loads((tmp_path / "ranks.json").read_text())
     assert info["world_size"] == 2 and info["batches_differ"]
     assert info["changed"] == {"student": True, "lrm": True}
 

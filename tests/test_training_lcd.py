@@ -19,6 +19,7 @@ from lcm_lab.training.lcd import LCDTask
 from lcm_lab.training.trainer import train
 
 from helpers.tiny_run import tiny_overrides
+from helpers.two_ranks import run_two_cpu_ranks
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -302,17 +303,9 @@ def test_blown_up_weights_are_not_checkpointed(tmp_path):
 
 
 def test_two_cpu_ranks_keep_identical_parameters(tmp_path):
-    # REFERENCE.md §7: `accelerate launch --cpu --num_processes 2` silently runs one process.
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-           str(REPO / "tests" / "helpers" / "ddp_lcd.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    r0, r1, info = run_two_cpu_ranks(tmp_path, "lcd", port=29531)
     assert r0.keys() == r1.keys() and len(r0) > 0
     assert all(torch.equal(r0[k], r1[k]) for k in r0), "ranks diverged"
-    info = json.loads((tmp_path / "ranks.json").read_text())
     assert info["world_size"] == 2
     assert info["batches_differ"], "both ranks drew the same data"
     assert info["changed"] == {"student": True}, "training did not change the weights"

@@ -31,8 +31,6 @@ if method == "rg_lcd":  # LRM mode, trained online only (no pre-training), on 3 
     overrides += ["reward.lrm_lr=1e-3", "reward.lrm_subset=3", "reward.lrm_pretrain_steps=0"]
 cfg = load_method_config(method, REPO / f"configs/toy/{method}.yaml", overrides)
 task = (RGLCDTask if method == "rg_lcd" else LCDTask)(cfg)
-
-
 nets = {"student": task.student, **({"lrm": task.lrm} if method == "rg_lcd" else {})}
 
 
