@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from . import models
@@ -40,22 +41,22 @@ class BuildConfig:
     work_dir: str = "assets/.build"
     seed: int = 0
     num_train_images: int = 60_000
-    num_recon_images: int = 20_000  # VAE reconstructions mixed into reward/judge training
-    vae_steps: int = 3000
+    num_recon_images: int = 10_000  # VAE reconstructions mixed into reward/judge training
+    vae_steps: int = 2500
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    teacher_steps: int = 12000
+    teacher_steps: int = 9000
     teacher_batch: int = 64
-    teacher_lr: float = 5e-4
+    teacher_lr: float = 1e-3
     teacher_warmup: int = 200
     teacher_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 = plain MSE
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
-    reward_steps: int = 600
+    reward_steps: int = 300
     reward_batch: int = 256
     reward_lr: float = 1e-3
-    judge_steps: int = 1500
+    judge_steps: int = 1000
     judge_batch: int = 128
     judge_lr: float = 2e-3
     checkpoint_every: int = 500
@@ -111,9 +112,9 @@ class _Trainer:
     def __init__(self, cfg: BuildConfig, stage: str, model: torch.nn.Module, lr: float, steps: int,
                  warmup: int = 100, ema_decay: float | None = None, weight_decay: float = 0.01):
         self.cfg, self.stage, self.model, self.steps = cfg, stage, model, steps
-        # foreach: the same arithmetic as torch's per-tensor CPU loop (bit-identical, tested), with
-        # one C++ loop instead of a Python one per tensor.
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+        # fused: one kernel over all tensors instead of a loop over them (~4% of a teacher step here);
+        # the same AdamW up to float rounding (tested).
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(warmup, steps))
         self.ema = None
         if ema_decay is not None:
@@ -311,7 +312,10 @@ def train_teacher(cfg: BuildConfig, data: dict, latents: dict, vae_dir: Path, to
         noise = torch.randn(x0.shape, generator=gen)
         abar = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        pred = unet(xt, t, embeddings[cond]).sample
+        # The attention maps here are 4x4 and 2x2 (16 and 4 queries): torch's plain "math" kernel
+        # trains them ~4.5% faster per step than the flash kernel it picks on CPU.
+        with sdpa_kernel(SDPBackend.MATH):
+            pred = unet(xt, t, embeddings[cond]).sample
         if cfg.teacher_snr_gamma > 0:
             loss = (_min_snr_weight(abar.flatten(), cfg.teacher_snr_gamma)
                     * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
