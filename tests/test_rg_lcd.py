@@ -427,7 +427,7 @@ def test_lrm_pretraining_learns_the_experts_score_matrix(tmp_path):
 
     from accelerate import Accelerator
 
-    steps = 24
+    steps = 64  # 24 halved the loss but left the agreement flat with the 300-step toy-clip of the current assets
     task = make_task(tmp_path, TOY_LRM, **{"reward.lrm_pretrain_steps": steps, "reward.lrm_pretrain_batch_size": 16,
                                            "reward.lrm_pretrain_lr": 3e-3, "reward.lrm_lr": 1e-5,
                                            "train.batch_size": 16, "data.num_images": 256})
@@ -448,7 +448,7 @@ def test_lrm_pretraining_learns_the_experts_score_matrix(tmp_path):
     student_before = {n: p.detach().clone() for n, p in task.student.named_parameters()}
     task._start_lrm(task.student)
     end = loss_and_agreement()
-    assert end[0] < 0.5 * start[0] and end[1] > start[1] + 0.01, (start, end)
+    assert end[0] < 0.5 * start[0] and end[1] > start[1] + 0.03, (start, end)  # measured: 0.529 -> 0.607
     assert all(torch.equal(p, student_before[n]) for n, p in task.student.named_parameters())
     assert all(group["lr"] == 1e-5 for group in trainer.optimizer.param_groups)
     assert all(not p.requires_grad for p in task.lrm.parameters())
