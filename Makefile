@@ -23,7 +23,7 @@ test-all: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/lcm-lab demo --out outputs/demo
 
-# Rebuild the embedded toy world (65-90 minutes on 2 CPU cores; resumable).
+# Rebuild the embedded toy world (about 53 minutes on 2 CPU cores; resumable).
 assets: $(VENV)/.installed
 	$(PY) scripts/build_toy_assets.py
 

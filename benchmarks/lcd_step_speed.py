@@ -13,7 +13,7 @@ gradient clipping (max norm 1.0), optimizer step, target EMA update (decay 0.95)
   unconditional embedding of ``""`` computed once, outside the step); the trainer's ``_optimizer`` (fused
   AdamW); ``clip_grad_norm_``; :meth:`lcm_lab.training.ema.EMA.update` (one ``torch._foreach_lerp_``).
 * **reference**: the step of diffusers' ``examples/consistency_distillation/train_lcm_distill_sd_wds.py``
-  as a plain function written here from its description (REFERENCE.md §1), all weights in the default
+  as a plain function written here from that script's steps, all weights in the default
   (NCHW) layout as in that script: student forward first, then the teacher twice under ``no_grad`` (cond
   batch B, uncond batch B), x0/eps from the eps-prediction, LCM-form CFG, DDIM step from a solver table,
   target forward at ``s``, pseudo-Huber loss, backward, ``clip_grad_norm_``, ``torch.optim.AdamW`` with
@@ -82,14 +82,15 @@ import torch  # noqa: E402
 from lcm_lab.core.schedules import NoiseSchedule  # noqa: E402
 from lcm_lab.models.sd import encode_prompts, load_ldm  # noqa: E402
 from lcm_lab.models.student import make_w_student  # noqa: E402
-from lcm_lab.objectives.lcd import Conditioning, LCDConfig, LCDLoss  # noqa: E402
+from lcm_lab.core.conditioning import Conditioning  # noqa: E402
+from lcm_lab.objectives.lcd import LCDConfig, LCDLoss  # noqa: E402
 from lcm_lab.training.ema import EMA  # noqa: E402
 from lcm_lab.training.trainer import LoopConfig, _optimizer, apply_channels_last  # noqa: E402
 
 SCALES = ("toy", "sd15")
 VARIANTS = ("ours", "reference")
 RESULT_MARKER = "LCD_STEP_RESULT "
-W_EMBEDDING_DIM = 256  # time_cond_proj_dim of the SD-LCM student (REFERENCE.md §1)
+W_EMBEDDING_DIM = 256  # time_cond_proj_dim of the SD-LCM student (diffusers' LCD script)
 PROMPTS = (
     "a photograph of an astronaut riding a horse",
     "a watercolor painting of a lighthouse at dawn",
@@ -272,7 +273,7 @@ class OursStep:
 class ReferenceStep:
     """The step of diffusers' ``train_lcm_distill_sd_wds.py`` (full model, eps teacher), as plain torch.
 
-    Written from the script's description (REFERENCE.md §1), independent of lcm_lab's LCD code: the
+    Written from the script's steps, independent of lcm_lab's LCD code: the
     noise schedule is diffusers' ``DDPMScheduler`` (``add_noise``, ``alphas_cumprod``); the DDIM solver,
     boundary scalings, w-embedding, CFG and loss are spelled out below.
     """

@@ -19,7 +19,7 @@ from .core.noise import generators_for_seeds, randn
 from .core.parameterization import guidance_scale_embedding
 from .core.sampling import SAMPLERS, noised_start, timesteps_for
 from .models.sd import LDMParts
-from .objectives.lcd import Conditioning
+from .core.conditioning import Conditioning
 
 DEFAULT_STEPS = {"ddim": 50, "lcm": 4, "tcd": 4}
 

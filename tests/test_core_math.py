@@ -1,10 +1,13 @@
-"""Unit tests of the parameterization formulas, seeded noise and the UNet wrapper."""
+"""Unit tests of the parameterization formulas, seeded noise, the UNet wrapper and the codec's input check."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
 from lcm_lab.core import (
+    LatentCodec,
     NoiseSchedule,
     UNetModel,
     cfg_combine,
@@ -69,6 +72,18 @@ def test_lcm_boundary_scalings():
     assert torch.equal(consistency_output(x, x0, cs, co), x)
 
 
+def test_lcm_boundary_scalings_float16_t_computed_in_float32():
+    # float16 t: s^2 = (10 t)^2 overflows float16 for t >= 26, which used to give c_skip = c_out = 0
+    t32 = torch.tensor([0, 1, 19, 26, 259, 999], dtype=torch.float32)
+    ref_skip, ref_out = lcm_boundary_scalings(t32)
+    c_skip, c_out = lcm_boundary_scalings(t32.half())
+    assert c_skip.dtype == torch.float32 and c_out.dtype == torch.float32
+    assert torch.equal(c_skip, ref_skip) and torch.equal(c_out, ref_out)
+    assert torch.allclose(c_out[3:], torch.ones(3), atol=1e-3)  # ~1 at large t, not 0
+    assert lcm_boundary_scalings(t32.bfloat16())[1].dtype == torch.float32
+    assert lcm_boundary_scalings(t32.double())[0].dtype == torch.float64
+
+
 def test_edm_cm_scalings():
     sigma_min, sd = 0.002, 0.5
     c_skip, c_out, c_in, c_noise = edm_cm_scalings(torch.tensor(sigma_min), sigma_min, sd)
@@ -92,6 +107,16 @@ def test_guidance_embedding_matches_diffusers(dim):
     assert torch.allclose(ours, ref, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="embedding_dim"):
         guidance_scale_embedding(w, embedding_dim=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_guidance_embedding_matches_diffusers_low_precision(dtype):
+    # the frequencies must not be rounded to `dtype` before the product (that differed by up to ~2)
+    w = torch.linspace(0.0, 14.0, 29)
+    ref = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=256, dtype=dtype)
+    ours = guidance_scale_embedding(w, embedding_dim=256, dtype=dtype)
+    assert ours.dtype == dtype
+    assert torch.equal(ours, ref)
 
 
 def test_ddim_step_and_jump():
@@ -209,3 +234,25 @@ def test_unet_model_per_sample_guidance():
     ref_c, ref_u = unet(x, t, cond)[0], unet(x, t, uncond)[0]
     assert torch.allclose(out[0], ref_c[0], atol=1e-6)
     assert torch.allclose(out[1], ref_u[1] + 4.0 * (ref_c[1] - ref_u[1]), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- latent codec input range
+
+
+class _IdentityVAE:
+    """``encode(x).latent_dist.mode() == x``: enough to see what LatentCodec.encode accepts."""
+
+    config = {"scaling_factor": 1.0}
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x))
+
+
+def test_codec_encode_rejects_images_outside_minus_one_one():
+    codec = LatentCodec(_IdentityVAE())
+    ok = torch.tensor([-1.0, 0.0, 1.0, 1.005]).view(1, 1, 2, 2)  # [-1, 1], with a little rounding slack
+    assert torch.equal(codec.encode(ok), ok)
+    with pytest.raises(ValueError, match=r"\[-1, 1\].*max 255"):
+        codec.encode(torch.full((1, 3, 2, 2), 255.0))  # [0, 255] pixels
+    with pytest.raises(ValueError, match=r"\[-1, 1\].*min -1.5"):
+        codec.encode(torch.full((1, 3, 2, 2), -1.5))

@@ -20,6 +20,7 @@ from lcm_lab.core import (
     rescale_zero_terminal_snr,
     tcd_timesteps,
     timesteps_for,
+    to_x0,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
@@ -122,6 +123,25 @@ def test_unknown_prediction_type_raises(bad):
         NoiseSchedule.from_config(prediction_type=bad)
     with pytest.raises(ValueError, match="prediction_type"):
         NoiseSchedule(torch.linspace(0.99, 0.01, 10), prediction_type=bad)
+
+
+def test_zero_terminal_snr_requires_v_prediction():
+    # Lin et al. 2024: at abar_{T-1} = 0, x0 = (x - sigma eps) / alpha divides by zero for an eps network
+    with pytest.raises(ValueError, match="zero-terminal-SNR.*v_prediction"):
+        NoiseSchedule.from_config(rescale_betas_zero_snr=True, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="prediction_type='epsilon'"):
+        NoiseSchedule.from_scheduler(DDIMScheduler(**SD_CONFIG, rescale_betas_zero_snr=True))
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):
+        NoiseSchedule(torch.tensor([0.9, 0.5, 0.0]))
+    # v (and x0) prediction stay finite at the last timestep
+    for prediction_type in ("v_prediction", "sample"):
+        s = NoiseSchedule.from_config(rescale_betas_zero_snr=True, prediction_type=prediction_type)
+        assert float(s.alphas_cumprod[-1]) == 0.0
+        alpha, sigma = s.alpha_sigma(torch.tensor([999]))
+        x0 = to_x0(torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2), alpha, sigma, prediction_type)
+        assert torch.isfinite(x0).all()
+    # a tiny but non-zero terminal abar is still allowed for eps
+    NoiseSchedule(torch.tensor([0.9, 0.5, 1e-6]))
 
 
 def test_unknown_beta_schedule_raises():

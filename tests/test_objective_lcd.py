@@ -1,7 +1,7 @@
 """LCD objective (lcm_lab.objectives.lcd) against an independent step-by-step computation.
 
 The reference side uses only torch, diffusers' ``alphas_cumprod`` and the UNets, and follows
-REFERENCE.md §1 and the diffusers reference script literally: teacher run separately on cond and on
+the LCM paper and the diffusers reference script literally: teacher run separately on cond and on
 uncond, x0/eps from eps- or v-outputs, LCM-form CFG, DDIM to ``s = max(t - 20, 0)``, boundary scalings
 with ``timestep_scaling = 10`` and ``sigma_data = 0.5``, target ``f(x_s, s)`` from the target net,
 prediction ``f(x_t, t)`` from the student, l2 or pseudo-Huber loss. The randomness ``(t, s, noise, w)``
@@ -20,7 +20,8 @@ from lcm_lab.core.parameterization import guidance_scale_embedding
 from lcm_lab.core.schedules import NoiseSchedule
 from lcm_lab.models.sdxl import make_time_ids, sdxl_uncond
 from lcm_lab.models.student import make_w_student
-from lcm_lab.objectives.lcd import Conditioning, LCDConfig, LCDLoss
+from lcm_lab.core.conditioning import Conditioning
+from lcm_lab.objectives.lcd import LCDConfig, LCDLoss
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -228,6 +229,16 @@ def test_config_defaults_and_validation():
         LCDConfig(huber_c=0.0)
     with pytest.raises(ValueError):
         LCDConfig(target_ema_decay=1.0)
+    # sigma_data is fixed by diffusers' LCMScheduler (no config entry), so only 0.5 can be exported
+    with pytest.raises(ValueError, match="sigma_data.*LCMScheduler fixes it at 0.5"):
+        LCDConfig(sigma_data=1.0)
+    for bad in (0.0, -10.0, float("nan")):
+        with pytest.raises(ValueError, match="timestep_scaling"):
+            LCDConfig(timestep_scaling=bad)
+    with pytest.raises(ValueError, match="num_ddim_timesteps"):
+        LCDConfig(num_ddim_timesteps=0)
+    with pytest.raises(ValueError, match="huber_c"):
+        LCDConfig(huber_c=-1e-3)
 
 
 def test_solver_grid_and_sampling(sd_nets, sd_data):
@@ -322,11 +333,12 @@ def test_boundary_scalings_values_and_config(sd_nets, sd_data):
     assert c_skip.flatten().tolist() == pytest.approx([1.0, 0.25 / (190**2 + 0.25), 0.25 / (9990**2 + 0.25)], rel=1e-6)
     assert c_out.flatten().tolist() == pytest.approx([0.0, 190 / math.sqrt(190**2 + 0.25),
                                                       9990 / math.sqrt(9990**2 + 0.25)], rel=1e-6)
-    # so check that f honours the config's timestep_scaling / sigma_data where it is visible
+    # so check that f honours the config's timestep_scaling where it is visible (sigma_data is fixed at
+    # 0.5, the value diffusers' LCMScheduler hardcodes: see test_config_defaults_and_validation)
     z, ehs, uncond = sd_data
     student, _ = sd_nets["plain"]
     t = torch.tensor([1, 19, 100, 999])
-    for scaling, sigma_data in [(0.01, 0.5), (0.05, 1.0)]:
+    for scaling, sigma_data in [(0.01, 0.5), (0.05, 0.5)]:
         loss_obj, abar = make_loss("v_prediction", sd_nets["teacher"], Conditioning(uncond), None,
                                    timestep_scaling=scaling, sigma_data=sigma_data)
         with torch.no_grad():
@@ -388,6 +400,8 @@ def test_huber_and_l2_values():
     expected = sum(math.sqrt(x * x + c * c) - c for x in a.tolist()) / 4
     assert consistency_loss(a, b, "huber", c).item() == pytest.approx(expected, rel=1e-6)
     assert consistency_loss(a, b, "l2").item() == pytest.approx(sum(x * x for x in a.tolist()) / 4, rel=1e-6)
+    with pytest.raises(ValueError, match="loss_type.*'l1'"):
+        consistency_loss(a, b, "l1")  # used to fall through to pseudo-Huber
 
 
 # ------------------------------------------------------------------------ gradients
@@ -475,3 +489,38 @@ def test_sdxl_per_sample_time_ids_reference_semantics(xl_nets):
                            "epsilon")
     ours = loss_obj.teacher_step(x_t, t, s, cond, w)
     assert_close(ours, ref, "rows with their own time_ids")
+
+
+def test_uncond_takes_only_time_ids_from_cond(xl_nets):
+    teacher, _, _ = xl_nets
+    cond = xl_cond(make_time_ids(B, [(64, 48), (48, 64), (96, 96), (64, 64)], (0, 0), (64, 64)))
+    added = cond.added_cond_kwargs
+    zeros_ehs = torch.zeros_like(cond.encoder_hidden_states[:1])
+    # uncond with zero pooled embeddings and no time_ids: time_ids per sample from cond, text_embeds its own
+    loss_obj, _ = make_loss("epsilon", teacher, sdxl_uncond(cond), W_DIM)
+    un = loss_obj.uncond_for(cond)
+    assert torch.equal(un.added_cond_kwargs["time_ids"], added["time_ids"])
+    assert torch.count_nonzero(un.added_cond_kwargs["text_embeds"]) == 0
+    assert un.added_cond_kwargs["text_embeds"].shape == added["text_embeds"].shape
+    # uncond without text_embeds must not silently take the conditional pooled embeddings
+    loss_obj, _ = make_loss("epsilon", teacher, Conditioning(zeros_ehs, {"time_ids": added["time_ids"][:1]}), W_DIM)
+    with pytest.raises(ValueError, match="'text_embeds'"):
+        loss_obj.uncond_for(cond)
+    loss_obj, _ = make_loss("epsilon", teacher, Conditioning(zeros_ehs), W_DIM)
+    with pytest.raises(ValueError, match="'text_embeds'"):
+        loss_obj.uncond_for(cond)
+
+
+def test_conditioning_cat_requires_matching_added_keys():
+    ehs = torch.randn(2, 3, 4)
+    added = {"text_embeds": torch.randn(2, 5), "time_ids": torch.randn(2, 6)}
+    both = Conditioning.cat(Conditioning(ehs, added), Conditioning(-ehs, {k: -v for k, v in added.items()}))
+    assert len(both) == 4 and set(both.added_cond_kwargs) == set(added)
+    assert torch.equal(both.added_cond_kwargs["time_ids"], torch.cat([added["time_ids"], -added["time_ids"]]))
+    assert Conditioning.cat(Conditioning(ehs), Conditioning(ehs)).added_cond_kwargs is None
+    with pytest.raises(ValueError, match="added_cond_kwargs"):
+        Conditioning.cat(Conditioning(ehs), Conditioning(ehs, added))  # used to drop b's kwargs
+    with pytest.raises(ValueError, match="added_cond_kwargs"):
+        Conditioning.cat(Conditioning(ehs, added), Conditioning(ehs))
+    with pytest.raises(ValueError, match="text_embeds"):
+        Conditioning.cat(Conditioning(ehs, added), Conditioning(ehs, {"time_ids": added["time_ids"]}))

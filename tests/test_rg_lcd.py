@@ -189,7 +189,7 @@ def test_lrm_update_gets_aligned_prediction_target_data_triplets(tmp_path):
 
 
 def test_two_cpu_ranks_keep_identical_student_and_lrm(tmp_path):
-    """The LRM's gradients are all-reduced like the student's: two CPU ranks (REFERENCE.md §7) that train
+    """The LRM's gradients are all-reduced like the student's: two CPU ranks (gloo) that train
     on different data end with the same student and the same latent reward model."""
     r0, r1, info = run_two_cpu_ranks(tmp_path, "rg_lcd", port=29533)
     assert r0.keys() == r1.keys() and any(k.startswith("lrm.") for k in r0)

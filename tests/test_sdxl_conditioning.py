@@ -16,7 +16,7 @@ from lcm_lab.models.sdxl import (
     make_time_ids,
     sdxl_uncond,
 )
-from lcm_lab.objectives.lcd import Conditioning
+from lcm_lab.core.conditioning import Conditioning
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

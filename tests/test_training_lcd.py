@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lcm_lab.training import load_method_config
+from lcm_lab.training.checkpoint import CheckpointError
 from lcm_lab.training.config import ConfigError
 from lcm_lab.training.data import StepBatchSampler
 from lcm_lab.training.lcd import LCDTask
@@ -104,12 +105,23 @@ def test_corrupt_or_incomplete_checkpoint_names_the_folder(tmp_path):
         file = ckpt / name
         good = file.read_bytes()
         file.write_bytes(good[:50])
-        with pytest.raises(RuntimeError, match=r"cannot resume from .*checkpoint-2.*Delete that folder"):
+        with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoint-2.*If the folder is damaged"):
             run_lcd(tmp_path, 4, **resume)
         file.write_bytes(good)
+    # a resume with another batch layout would replay neither the data order nor the RNG streams
+    with pytest.raises(CheckpointError, match=r"checkpoint-2: it was saved with batch_size=4 \(now 2\)"):
+        run_lcd(tmp_path, 4, **resume, **{"train.batch_size": 2})
     (ckpt / "extra" / "target_ema.safetensors").unlink()
-    with pytest.raises(RuntimeError, match=r"cannot resume from .*checkpoint-2: KeyError: .*target_ema"):
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoint-2: KeyError: .*target_ema"):
         run_lcd(tmp_path, 4, **resume)
+
+
+def test_a_fresh_run_does_not_overwrite_an_earlier_runs_checkpoints(tmp_path):
+    run_lcd(tmp_path, 4, **{"train.checkpointing_steps": 1})
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match=r"earlier run \(latest: checkpoint-4\).*resume_from_checkpoint=latest"):
+        run_lcd(tmp_path, 2, **{"train.resume_from_checkpoint": "null"})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
 def test_lora_only_adapters_train_and_export(tmp_path):
@@ -127,6 +139,10 @@ def test_lora_ema_target_shares_frozen_weights(tmp_path):
     assert frozen and all(target[n] is online[n] for n in frozen)
     lora = [n for n, p in online.items() if p.requires_grad]
     assert any(not torch.equal(target[n], online[n]) for n in lora)
+    # channels_last=frozen lays out the teacher, not the student's base weights that its target shares
+    convs = [online[n] for n in frozen if online[n].dim() == 4 and min(online[n].shape[1:]) > 1]  # not 1x1
+    assert convs and not any(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert task.ldm.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_checkpoint_limit_and_tensorboard_logs(tmp_path):
@@ -176,6 +192,26 @@ def test_unknown_and_bad_config_keys_are_errors(tmp_path):
     assert not (tmp_path / "long" / "checkpoints").exists()
     cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", ["objective.w_min=2", "train.learning_rate=3e-4"])
     assert cfg.objective.w_min == 2.0 and cfg.train.learning_rate == 3e-4
+    for key in ("seed", "lr_warmup_steps", "validation_steps"):
+        with pytest.raises(ConfigError, match=f"{key} must be >= 0, got -1"):
+            load_method_config("lcd", None, [f"train.{key}=-1"])
+    with pytest.raises(ConfigError, match=r"output_dir must be str, got int 7 \(put the value in quotes"):
+        load_method_config("lcd", None, ["train.output_dir=007"])
+    assert load_method_config("lcd", None, ["train.output_dir='007'"]).train.output_dir == "007"
+    # YAML 1.1 reads 1e-4 (no dot) as a string; an empty section keeps its defaults and takes overrides
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  learning_rate: 1e-4\nobjective:\n")
+    cfg = load_method_config("lcd", path, ["objective.w_max=7"])
+    assert cfg.train.learning_rate == 1e-4 and cfg.objective.w_max == 7.0
+
+
+@pytest.mark.parametrize("family, resolution", [("sd15", 512), ("sd21", 768), ("sdxl", 1024)])
+def test_shipped_lcd_configs_parse(family, resolution):
+    """The SD configs leave model.teacher and data.path open (REQUIRED in their comments)."""
+    for name, lora in (("lcd.yaml", False), ("lcd_lora.yaml", True)):
+        cfg = load_method_config("lcd", REPO / "configs" / family / name, ["model.teacher=/sd", "data.path=/shards"])
+        assert cfg.data.resolution == resolution and cfg.model.lora is lora
+        assert cfg.objective.loss_type == "huber" and cfg.train.resume_from_checkpoint == "latest"
 
 
 def test_yaml_booleans_are_only_true_and_false(tmp_path):
@@ -252,7 +288,11 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     drawn = [i for step in range(2) for i in StepBatchSampler(6, 4, 0, 0).batch(step)]
     expected = sum(i in (1, 4) for i in drawn)
     assert expected > 0  # the seed draws at least one bad file
-    assert task.skipped == expected
+    assert task.skipped == task.skipped_total == expected
+    # the count is checkpointed: a resumed run goes on counting from it
+    more = run_lcd(tmp_path / "run", 3, **{"data.type": "folder", "data.path": str(folder),
+                                          "data.cache_latents": False})
+    assert more.skipped_total == expected + sum(i in (1, 4) for i in StepBatchSampler(6, 4, 0, 0).batch(2))
 
 
 def test_a_wholly_unreadable_batch_is_skipped_and_counted(tmp_path):
@@ -291,6 +331,38 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoints(tmp_path, monkeyp
     ckpts = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     assert ckpts == ["checkpoint-2"]
     assert json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "lcm_lab_state.json").read_text())["step"] == 2
+
+
+def test_nan_gradients_of_a_finite_loss_stop_the_run_before_the_update(tmp_path, monkeypatch):
+    cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", tiny_overrides(tmp_path, 4))
+    task = LCDTask(cfg)
+    real_loss = task.loss
+
+    def loss(student, batch, gen):
+        value, logs = real_loss(student, batch, gen)
+        w = next(p for p in student.parameters() if p.requires_grad)
+        # the unselected branch is NaN: the loss stays finite, its gradient does not
+        return value + torch.where(torch.tensor(True), torch.zeros(()), torch.sqrt(-1 - w.sum() ** 2)), logs
+
+    monkeypatch.setattr(task, "loss", loss)
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm .* at step 0; nothing was updated"):
+        train(cfg.train, task)
+    assert all(torch.isfinite(p).all() for p in task.student.parameters())
+
+
+def test_sharded_or_mismatched_accelerators_are_refused_before_set_up(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", tiny_overrides(tmp_path, 2))
+    task = LCDTask(cfg)
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ValueError, match=f"{kind.value} is not supported: the EMA target and the export"):
+            train(cfg.train, task, SimpleNamespace(gradient_accumulation_steps=1, distributed_type=kind))
+    with pytest.raises(ValueError, match="accumulates 4 micro-batches but train.gradient_accumulation_steps is 1"):
+        train(cfg.train, task, SimpleNamespace(gradient_accumulation_steps=4, distributed_type=DistributedType.NO))
+    assert task.objective is None  # refused before any set-up
 
 
 def test_blown_up_weights_are_not_checkpointed(tmp_path):

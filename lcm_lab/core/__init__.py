@@ -6,8 +6,10 @@
 - :mod:`~lcm_lab.core.denoiser`: the ``model(x_t, t)`` interface and classifier-free guidance.
 - :mod:`~lcm_lab.core.sampling`: LCM / TCD / DDIM samplers with one signature.
 - :mod:`~lcm_lab.core.latents`: VAE encode/decode.
+- :mod:`~lcm_lab.core.conditioning`: the text (and SDXL) conditioning of a batch.
 """
 
+from .conditioning import Conditioning
 from .denoiser import ModelFn, UNetModel, cfg_combine
 from .latents import LatentCodec
 from .noise import generators_for_seeds, randn
@@ -85,4 +87,6 @@ __all__ = [
     "timesteps_for",
     # latents
     "LatentCodec",
+    # conditioning
+    "Conditioning",
 ]

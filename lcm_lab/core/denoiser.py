@@ -85,7 +85,7 @@ class UNetModel:
         unet: torch.nn.Module,
         encoder_hidden_states: torch.Tensor,
         uncond: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | torch.Tensor = 1.0,
         timestep_cond: torch.Tensor | None = None,
         added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
         uncond_added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,

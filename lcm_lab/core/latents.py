@@ -79,7 +79,7 @@ class LatentCodec:
         """Images in ``[-1, 1]`` ``[B, 3, H, W]`` -> scaled latents ``[B, C, H/f, W/f]``.
 
         Args:
-            images (`torch.Tensor`): pixel values in ``[-1, 1]``.
+            images (`torch.Tensor`): pixel values in ``[-1, 1]`` (``ValueError`` beyond 1% outside).
             generator (`torch.Generator` or list, *optional*): for ``sample=True``. A list of per-sample
                 generators gives results independent of ``chunk_size``; a single generator is consumed
                 chunk by chunk.
@@ -91,6 +91,11 @@ class LatentCodec:
             `torch.Tensor`: ``(latent - shift_factor) * scaling_factor``.
         """
         chunk_size = _check_chunk_size(chunk_size)
+        if images.numel():
+            # one reduction: catches e.g. [0, 255] pixels, which the VAE would encode silently
+            lo, hi = torch.aminmax(images.detach())
+            if lo < -1.01 or hi > 1.01:
+                raise ValueError(f"images must be in [-1, 1], got min {float(lo):.4g}, max {float(hi):.4g}.")
         if isinstance(generator, Sequence) and not isinstance(generator, torch.Generator):
             if len(generator) != images.shape[0]:
                 raise ValueError(f"got {len(generator)} generators for {images.shape[0]} images.")

@@ -103,9 +103,12 @@ def lcm_boundary_scalings(
         sigma_data (`float`, defaults to 0.5): data standard deviation.
 
     Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: ``(c_skip, c_out)``, shape of ``t`` (float32 for integer ``t``).
+        `tuple[torch.Tensor, torch.Tensor]`: ``(c_skip, c_out)``, shape of ``t``, float32 (float64 for a
+        float64 ``t``).
     """
-    s = _as_float_tensor(t) * timestep_scaling
+    t = _as_float_tensor(t)
+    # At least float32: in float16, s^2 overflows to inf for t >= 26 (scaling 10), giving c_skip = c_out = 0.
+    s = t.to(torch.promote_types(t.dtype, torch.float32)) * timestep_scaling
     c_skip = sigma_data**2 / (s**2 + sigma_data**2)
     c_out = s / (s**2 + sigma_data**2) ** 0.5
     return c_skip, c_out
@@ -174,9 +177,11 @@ def guidance_scale_embedding(
         raise ValueError(f"`w` must be a scalar or a 1-D tensor, got shape {tuple(w.shape)}.")
     half = embedding_dim // 2
     # log(1e4) is taken in float32 (not Python float) on purpose: w * 1000 reaches ~1e4, so a one-ulp
-    # difference in the frequency would show up at the 1e-3 level in the sines.
+    # difference in the frequency would show up at the 1e-3 level in the sines. It is not cast to ``dtype``
+    # first either: diffusers multiplies the ``dtype`` arange by the float32 0-dim tensor, and rounding the
+    # frequency to float16/bfloat16 beforehand shifts the arguments by up to ~2 radians.
     log_base = torch.log(torch.tensor(10000.0, dtype=torch.float32)) / (half - 1)
-    freqs = torch.exp(torch.arange(half, dtype=dtype) * -log_base.to(dtype)).to(w.device)
+    freqs = torch.exp(torch.arange(half, dtype=dtype) * -log_base).to(w.device)
     args = (w * 1000.0).to(dtype)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     if embedding_dim % 2 == 1:

@@ -201,6 +201,15 @@ class NoiseSchedule:
         if abar.ndim != 1 or abar.numel() < 1:
             raise ValueError(f"alphas_cumprod must be a non-empty 1-D tensor, got shape {tuple(abar.shape)}.")
         self.alphas_cumprod = abar
+        # Zero terminal SNR (abar_{T-1} = 0, e.g. rescale_betas_zero_snr=True) leaves alpha = 0 at t = T-1,
+        # where epsilon prediction cannot recover x0 (x0 = (x - sigma eps) / alpha is inf/NaN). Lin et al.
+        # 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.2: use v-prediction.
+        if self.prediction_type == "epsilon" and float(abar[-1]) == 0.0:
+            raise ValueError(
+                "a zero-terminal-SNR schedule (alphas_cumprod[-1] == 0, e.g. rescale_betas_zero_snr=True) needs "
+                "prediction_type='v_prediction' (Lin et al. 2024); prediction_type='epsilon' gives "
+                "x0 = (x - sigma * eps) / 0 at the last timestep."
+            )
         self.final_alpha_cumprod = float(self.final_alpha_cumprod)
         if not (0.0 <= self.final_alpha_cumprod <= 1.0):
             raise ValueError(f"final_alpha_cumprod must be in [0, 1], got {self.final_alpha_cumprod}.")

@@ -44,7 +44,7 @@ class LDMParts(ABC):
 
     @abstractmethod
     def conditioning(self, prompts: list[str], truncate: bool = False, image_size: int | None = None):
-        """The :class:`~lcm_lab.objectives.lcd.Conditioning` of ``prompts`` for generating ``image_size`` px."""
+        """The :class:`~lcm_lab.core.conditioning.Conditioning` of ``prompts`` for generating ``image_size`` px."""
 
     @abstractmethod
     def unconditional(self, cond):
@@ -95,13 +95,13 @@ class LatentDiffusionModel(LDMParts):
 
     def conditioning(self, prompts: list[str], truncate: bool = False, image_size: int | None = None):
         """Text embeddings of ``prompts`` (``image_size`` is SDXL's micro-conditioning; unused here)."""
-        from ..objectives.lcd import Conditioning
+        from ..core.conditioning import Conditioning
 
         return Conditioning(self.encode_prompts(prompts, truncate=truncate))
 
     def unconditional(self, cond):
         """The embedding of ``""`` (batch 1), whatever ``cond``."""
-        from ..objectives.lcd import Conditioning
+        from ..core.conditioning import Conditioning
 
         return Conditioning(self.encode_prompts([""], allow_empty=True))
 

@@ -10,11 +10,11 @@ Synthesis", sec. 2.1-2.2) conditions its UNet on
 - ``time_ids``: the micro-conditioning ``original_size + crop_top_left + target_size`` as
   six numbers per sample, each Fourier-embedded inside the UNet (``addition_embed_type="text_time"``).
 
-Both are packed into a :class:`~lcm_lab.objectives.lcd.Conditioning`
+Both are packed into a :class:`~lcm_lab.core.conditioning.Conditioning`
 (``added_cond_kwargs = {"text_embeds": ..., "time_ids": ...}``), the form
 :class:`~lcm_lab.objectives.lcd.LCDLoss` passes to the UNet.
 
-Unconditional branch (REFERENCE.md §1; diffusers ``train_lcm_distill_sdxl_wds.py``): the
+Unconditional branch (diffusers ``train_lcm_distill_sdxl_wds.py``): the
 prompt embedding and the pooled embedding are *zeros* (not the encoding of ``""``; this matches
 SDXL's ``force_zeros_for_empty_prompt``), while ``time_ids`` stay the conditional ones (the
 reference deep-copies the conditional ``added_cond_kwargs`` and only replaces ``text_embeds``;
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ..core.schedules import NoiseSchedule
-from ..objectives.lcd import Conditioning
+from ..core.conditioning import Conditioning
 from ..readable import reading
 from .sd import LDMParts, check_pipeline_dir, check_prompts
 
@@ -157,7 +157,7 @@ def encode_prompts_sdxl(tokenizers: Sequence, text_encoders: Sequence, prompts: 
 def sdxl_uncond(cond: Conditioning, time_ids: str = "cond") -> Conditioning:
     """The unconditional SDXL conditioning (batch 1) for guidance in LCD.
 
-    ``encoder_hidden_states`` and ``text_embeds`` are zeros of the shapes of ``cond`` (REFERENCE.md §1:
+    ``encoder_hidden_states`` and ``text_embeds`` are zeros of the shapes of ``cond`` (diffusers' SDXL LCD script:
     uncond = zeros for SDXL). ``time_ids``:
 
     - ``"cond"`` (default, as the reference script): left out, so that
@@ -248,7 +248,7 @@ class SDXLModel(LDMParts):
 
     ``unet``, ``vae``, ``schedule``, ``scheduler_config`` and ``path`` mean what they mean on
     :class:`~lcm_lab.models.sd.LatentDiffusionModel`; the text side is :class:`SDXLText` (two tokenizers and
-    encoders; :meth:`SDXLText.encode` gives a full :class:`~lcm_lab.objectives.lcd.Conditioning` with the
+    encoders; :meth:`SDXLText.encode` gives a full :class:`~lcm_lab.core.conditioning.Conditioning` with the
     ``text_embeds``/``time_ids`` micro-conditioning).
     """
 

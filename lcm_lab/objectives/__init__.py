@@ -1,6 +1,6 @@
 """Training objectives as loss objects over the sampler core (one training loop runs them all)."""
 
-from .lcd import Conditioning, LCDConfig, LCDLoss, consistency_loss
+from .lcd import LCDConfig, LCDLoss, consistency_loss
 from .rg_lcd import RGLCDConfig, RGLCDLoss
 
-__all__ = ["Conditioning", "LCDConfig", "LCDLoss", "consistency_loss", "RGLCDConfig", "RGLCDLoss"]
+__all__ = ["LCDConfig", "LCDLoss", "consistency_loss", "RGLCDConfig", "RGLCDLoss"]

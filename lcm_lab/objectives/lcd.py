@@ -2,8 +2,9 @@
 
 One training step, for a batch of clean latents ``z`` with text conditioning ``c``:
 
-1. draw a solver index ``n`` per sample on the skipping-step grid ``[k-1, 2k-1, ..., T-1]``
-   (``k = T // N``, N = 50 DDIM steps) and set ``t = t_{n+k}``, ``s = t_n = max(t - k, 0)``;
+1. draw a solver index ``n`` per sample on the skipping-step grid ``[k-1, 2k-1, ..., N k - 1]``
+   (``k = T // N``, N = 50 DDIM steps; the grid ends at ``T-1`` only when N divides T) and set
+   ``t = t_{n+k}``, ``s = t_n = max(t - k, 0)``;
 2. noise ``x_t = alpha_t z + sigma_t eps`` (DDPM eq. 4);
 3. draw ``w ~ U[w_min, w_max]`` per sample (LCM-form guidance, i.e. the diffusers scale minus 1);
 4. teacher, cond and uncond in ONE batched forward, guided in LCM form
@@ -35,15 +36,20 @@ from ..core.parameterization import (
     to_eps,
     to_x0,
 )
+from ..core.conditioning import Conditioning
 from ..core.schedules import NoiseSchedule, ddim_solver_timesteps, previous_solver_timestep
 
-__all__ = ["LCDConfig", "Conditioning", "LCDLoss", "consistency_loss"]
+__all__ = ["LCDConfig", "LCDLoss", "consistency_loss"]
+
+# added_cond_kwargs that describe the sample, not the prompt (SDXL size/crop micro-conditioning): the
+# unconditional branch may share them with the conditional one.
+_PER_SAMPLE_ADDED_KEYS = ("time_ids",)
 
 
 @dataclass
 class LCDConfig:
     """Hyper-parameters of the LCD objective (defaults: the SD recipe of diffusers' README commands,
-    REFERENCE.md §1: pseudo-Huber loss, where the script's own ``--loss_type`` default is l2)."""
+    LCM-LoRA report, Luo et al. 2023: pseudo-Huber loss, where the script's own ``--loss_type`` default is l2)."""
 
     num_ddim_timesteps: int = field(default=50, metadata={"help": "N: teacher DDIM solver steps (skip k = T // N)."})
     w_min: float = field(default=5.0, metadata={"help": "Lowest guidance w (LCM form = diffusers scale - 1)."})
@@ -51,43 +57,28 @@ class LCDConfig:
     loss_type: str = field(default="huber", metadata={"help": "'l2' or 'huber' (pseudo-Huber)."})
     huber_c: float = field(default=0.001, metadata={"help": "Pseudo-Huber constant c."})
     timestep_scaling: float = field(default=10.0, metadata={"help": "Boundary scalings use s = scaling * t."})
-    sigma_data: float = field(default=0.5, metadata={"help": "sigma_data of the boundary scalings."})
+    sigma_data: float = field(default=0.5, metadata={
+        "help": "sigma_data of the boundary scalings; must be 0.5, the value diffusers' LCMScheduler hardcodes."})
     target_ema_decay: float = field(default=0.95, metadata={"help": "EMA decay of the target network theta^-."})
 
     def __post_init__(self) -> None:
+        if self.num_ddim_timesteps < 1:
+            raise ValueError(f"num_ddim_timesteps must be >= 1, got {self.num_ddim_timesteps}")
         if self.loss_type not in ("l2", "huber"):
             raise ValueError(f"loss_type must be 'l2' or 'huber', got {self.loss_type!r}")
         if not 0 <= self.w_min <= self.w_max:
             raise ValueError(f"need 0 <= w_min <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
         if self.huber_c <= 0:
             raise ValueError(f"huber_c must be > 0, got {self.huber_c}")
+        if not self.timestep_scaling > 0:
+            raise ValueError(f"timestep_scaling must be > 0, got {self.timestep_scaling}")
+        # The exported LCMScheduler (and every diffusers LCM pipeline) uses sigma_data = 0.5 in
+        # get_scalings_for_boundary_condition_discrete with no config entry for it: a student trained
+        # with another value would be sampled with boundary scalings it was not trained for.
+        if self.sigma_data != 0.5:
+            raise ValueError(f"sigma_data must be 0.5 (diffusers' LCMScheduler fixes it at 0.5), got {self.sigma_data}")
         if not 0 <= self.target_ema_decay < 1:
             raise ValueError(f"target_ema_decay must be in [0, 1), got {self.target_ema_decay}")
-
-
-@dataclass
-class Conditioning:
-    """What a UNet is conditioned on besides (x_t, t): text embeddings and SDXL extras."""
-
-    encoder_hidden_states: torch.Tensor
-    added_cond_kwargs: dict[str, torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return self.encoder_hidden_states.shape[0]
-
-    def expand(self, batch: int) -> "Conditioning":
-        """Broadcast a batch-1 conditioning (e.g. the unconditional one) to ``batch`` rows."""
-        def grow(x):
-            return x if x.shape[0] == batch else x.expand(batch, *x.shape[1:])
-        added = None if self.added_cond_kwargs is None else {k: grow(v) for k, v in self.added_cond_kwargs.items()}
-        return Conditioning(grow(self.encoder_hidden_states), added)
-
-    @staticmethod
-    def cat(a: "Conditioning", b: "Conditioning") -> "Conditioning":
-        added = None
-        if a.added_cond_kwargs is not None:
-            added = {k: torch.cat([a.added_cond_kwargs[k], b.added_cond_kwargs[k]]) for k in a.added_cond_kwargs}
-        return Conditioning(torch.cat([a.encoder_hidden_states, b.encoder_hidden_states]), added)
 
 
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "huber",
@@ -96,6 +87,8 @@ def consistency_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = 
     pred, target = pred.float(), target.float()
     if loss_type == "l2":
         return F.mse_loss(pred, target)
+    if loss_type != "huber":
+        raise ValueError(f"loss_type must be 'l2' or 'huber', got {loss_type!r}")
     return (torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c).mean()
 
 
@@ -112,8 +105,9 @@ class LCDLoss:
         teacher: the frozen teacher UNet (any dtype; outputs are taken to float32).
         schedule: the teacher's :class:`NoiseSchedule` (its ``prediction_type`` covers eps and v teachers).
         uncond: the unconditional :class:`Conditioning`, batch 1 (SD: the embedding of ``""``;
-            SDXL: zero prompt and pooled embeddings, as in the reference script; added-cond keys it lacks,
-            such as ``time_ids``, are taken per sample from the conditional batch).
+            SDXL: zero prompt and pooled embeddings, as in the reference script). Of the added-cond keys it
+            lacks, only per-sample micro-conditioning (``time_ids``) is taken from the conditional batch;
+            lacking any other (e.g. ``text_embeds``) is an error.
         w_embedding_dim: ``time_cond_proj_dim`` of a w-conditioned student, or ``None`` for a student
             without w-embedding (LCM-LoRA: guidance is distilled in, not an input).
     """
@@ -139,12 +133,21 @@ class LCDLoss:
         return consistency_output(x_t.float(), x0, c_skip.to(x0.device), c_out.to(x0.device))
 
     def uncond_for(self, cond: Conditioning) -> Conditioning:
-        """The unconditional batch matching ``cond``: SDXL extras absent from ``uncond`` (e.g. per-sample
-        ``time_ids``) are taken from ``cond``, as the reference SDXL script does."""
+        """The unconditional batch matching ``cond``: per-sample micro-conditioning absent from ``uncond``
+        (SDXL ``time_ids``) is taken from ``cond``, as the reference SDXL script does. Any other added key
+        of ``cond`` missing from ``uncond`` raises: copying e.g. the pooled ``text_embeds`` would make the
+        unconditional branch conditional."""
         uncond = self.uncond.expand(len(cond))
         if cond.added_cond_kwargs is None:
             return uncond
-        added = {**cond.added_cond_kwargs, **(uncond.added_cond_kwargs or {})}
+        added = dict(uncond.added_cond_kwargs or {})
+        for key, value in cond.added_cond_kwargs.items():
+            if key in added:
+                continue
+            if key not in _PER_SAMPLE_ADDED_KEYS:
+                raise ValueError(f"the unconditional Conditioning lacks added_cond_kwargs[{key!r}]; only "
+                                 f"{_PER_SAMPLE_ADDED_KEYS} may be taken from the conditional batch")
+            added[key] = value
         return Conditioning(uncond.encoder_hidden_states, added)
 
     @torch.no_grad()

@@ -1,5 +1,5 @@
-"""RG-LCD: reward-guided latent consistency distillation (Li et al. 2024, "Reward Guided Latent Consistency
-Distillation", TMLR; REFERENCE.md §2).
+"""RG-LCD: reward-guided latent consistency distillation (Li et al., "Reward Guided Latent Consistency
+Distillation", TMLR 2024; github.com/Ji4chenLi/rg-lcd).
 
 The LCD loss plus a reward of the student's SINGLE-STEP prediction ``f_theta(x_t, t, w, c)`` (the same
 tensor the consistency loss compares with its target, not a sampling chain)::
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .lcd import Conditioning, LCDLoss
+from ..core.conditioning import Conditioning
+from .lcd import LCDLoss
 
 __all__ = ["RGLCDConfig", "RGLCDLoss", "build_expert"]
 
@@ -35,7 +36,7 @@ MODES = ("direct", "lrm")
 
 @dataclass
 class RGLCDConfig:
-    """Reward guidance of RG-LCD (defaults: the paper / reference repository, REFERENCE.md §2)."""
+    """Reward guidance of RG-LCD (defaults: the paper and its repository, github.com/Ji4chenLi/rg-lcd)."""
 
     reward: str = field(default="0.01*toy-clip", metadata={
         "help": "Expert reward spec for lcm_lab.rewards.parse_reward_spec, e.g. 'hpsv2', "

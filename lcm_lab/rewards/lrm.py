@@ -1,5 +1,5 @@
-"""The latent proxy reward model (LRM) of RG-LCD (Li et al. 2024, "Reward Guided Latent Consistency
-Distillation", sec. 4; REFERENCE.md §2).
+"""The latent proxy reward model (LRM) of RG-LCD (Li et al., "Reward Guided Latent Consistency
+Distillation", TMLR 2024, sec. 4).
 
 Optimising an expert reward through the VAE decoder puts high-frequency artifacts into the student's
 images. RG-LCD's fix is a small CLIP-like model that reads *latents* and is trained online to agree

@@ -18,9 +18,13 @@ import torch
 from accelerate.utils import load
 from safetensors.torch import load_file, save_file
 
-__all__ = ["checkpoint_dirs", "find_checkpoint", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CheckpointError", "checkpoint_dirs", "find_checkpoint", "save_checkpoint", "load_checkpoint"]
 
 PREFIX = "checkpoint-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: damaged, foreign, or from a different process/batch layout."""
 
 
 def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
@@ -51,13 +55,14 @@ def find_checkpoint(root: str | os.PathLike, spec: str) -> Path:
 
 
 def save_checkpoint(accelerator, root: str | os.PathLike, step: int, extra: dict[str, dict[str, torch.Tensor]],
-                    total_limit: int | None = None) -> Path:
+                    total_limit: int | None = None, layout: dict | None = None) -> Path:
     """Save the full training state at ``step``; keep at most ``total_limit`` checkpoints, and none of a later
     step (left by a run that this one, resumed from an earlier checkpoint, replaces).
 
-    All ranks must call this (accelerate saves per-rank RNG states). The folder appears under its
-    final name only once every file is written, so a crash never leaves a checkpoint that
-    ``resume latest`` would pick up half-written.
+    All ranks must call this (accelerate saves per-rank RNG states); ``extra`` is only read on the main
+    process. ``layout`` (process count, batch size, ...) is stored for :func:`load_checkpoint` to check. The
+    folder appears under its final name only once every file is written, so a crash never leaves a
+    checkpoint that ``resume latest`` would pick up half-written.
     """
     root = Path(root)
     final = root / f"{PREFIX}{step}"
@@ -71,7 +76,7 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, extra: dict
         (tmp / "extra").mkdir(exist_ok=True)
         for name, tensors in extra.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "extra" / f"{name}.safetensors")
-        (tmp / "lcm_lab_state.json").write_text(json.dumps({"step": step}))
+        (tmp / "lcm_lab_state.json").write_text(json.dumps({"step": step, "layout": layout or {}}))
         if final.exists():  # a re-run reached this step again: swap, so that one copy always exists
             stale = root / f".old-{PREFIX}{step}"
             shutil.rmtree(stale, ignore_errors=True)
@@ -91,16 +96,29 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, extra: dict
     return final
 
 
-def load_checkpoint(accelerator, path: Path, restore_extra: Callable[[dict], None]) -> int:
+def load_checkpoint(accelerator, path: Path, restore_extra: Callable[[dict], None], layout: dict | None = None) -> int:
     """Restore accelerate's state from ``path`` and hand the extra tensors to ``restore_extra``; return the
-    step. Any failure, the task's included (a missing or mis-shaped extra), names the checkpoint."""
+    step. ``layout`` must equal the one saved (a run resumed with another process count or batch size would
+    replay neither its data order nor its RNG streams). Any failure, the task's included (a missing or
+    mis-shaped extra), raises :class:`CheckpointError` naming the checkpoint."""
     try:
-        step = int(json.loads((path / "lcm_lab_state.json").read_text())["step"])
+        state = json.loads((path / "lcm_lab_state.json").read_text())
+        step = int(state["step"])
+    except Exception as e:
+        raise CheckpointError(f"cannot resume from {path}: unreadable lcm_lab_state.json ({type(e).__name__}: {e}). "
+                              "If the folder is damaged, delete it to resume from the previous checkpoint.") from e
+    saved = state.get("layout") or {}
+    changed = {k: (saved[k], v) for k, v in (layout or {}).items() if k in saved and saved[k] != v}
+    if changed:
+        raise CheckpointError(f"cannot resume from {path}: it was saved with "
+                              + ", ".join(f"{k}={old} (now {new})" for k, (old, new) in changed.items())
+                              + ". Resume with the same settings, or start a new train.output_dir.")
+    try:
         # accelerate only logs an unreadable RNG-state file and resumes with the current RNG: read it here first.
         load(path / f"random_states_{accelerator.process_index}.pkl")
         accelerator.load_state(str(path))
         restore_extra({p.stem: load_file(p) for p in sorted((path / "extra").glob("*.safetensors"))})
     except Exception as e:  # a truncated or foreign file: say which checkpoint is broken
-        raise RuntimeError(f"cannot resume from {path}: {type(e).__name__}: {e}. Delete that folder to resume "
-                           "from the previous checkpoint, or start a new output_dir.") from e
+        raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {e}. If the folder is damaged, delete "
+                              "it to resume from the previous checkpoint, or start a new train.output_dir.") from e
     return step

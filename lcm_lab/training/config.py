@@ -73,6 +73,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
     if dataclasses.is_dataclass(tp):
+        value = {} if value is None else value  # an empty section (`train:` alone) keeps the defaults
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping of its keys, got {value!r}")
         return config_from_dict(tp, value, prefix=f"{where}.")
@@ -86,10 +87,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads "1e-4" without a dot as a string
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+        hint = " (put the value in quotes to keep it as text)" if tp is str else ""
+        raise ConfigError(f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}{hint}")
     return value
 
 
@@ -127,13 +131,12 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         parts = key.strip().split(".")
         node = data
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or an empty section in the file (`train:` alone)
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is not a section")
-        value = _yaml(raw) if raw.strip() else ""
-        if isinstance(value, str) and _FLOAT.fullmatch(value):
-            value = float(value)  # YAML 1.1 reads "1e-4" as a string
-        node[parts[-1]] = value
+        node[parts[-1]] = _yaml(raw) if raw.strip() else ""  # "1e-4" stays a string here; float fields take it
     return data
 
 

@@ -39,7 +39,8 @@ class DataConfig:
                 "glob. Required for both."})
     resolution: int = field(default=32, metadata={
         "help": "Images are resized (shorter side, bicubic) and center-cropped to this size."})
-    random_flip: bool = field(default=False, metadata={"help": "Flip images horizontally with probability 0.5."})
+    random_flip: bool = field(default=False, metadata={
+        "help": "Flip images horizontally with probability 0.5, drawn from the step's seeded generator."})
     num_images: int = field(default=16384, metadata={
         "help": "toy: size of the deterministic pool ToyWorld(toy_seed, 'train')[0..num_images)."})
     toy_seed: int = field(default=0, metadata={"help": "toy: seed of the ToyWorld the pool is drawn from."})
@@ -59,11 +60,14 @@ class DataConfig:
             raise ValueError(f"data type {self.type!r} needs a path")
         if self.resolution <= 0 or self.num_images <= 0 or self.num_workers < 0:
             raise ValueError("resolution and num_images must be positive and num_workers non-negative")
+        if self.random_flip and self.cache_latents:
+            raise ValueError("random_flip and cache_latents exclude each other: the cache holds each image's "
+                             "latents in one orientation only; set one of them to false")
 
 
-def _load_pixels(source, resolution: int, flip: bool) -> torch.Tensor | None:
+def _load_pixels(source, resolution: int) -> torch.Tensor | None:
     """Decode ``source`` (a path, a file object or a PIL image), resize its shorter side to ``resolution``
-    (bicubic), center-crop, optionally flip; return [3, R, R] in [-1, 1], or None if it cannot be decoded."""
+    (bicubic), center-crop; return [3, R, R] in [-1, 1], or None if it cannot be decoded."""
     from PIL import Image
 
     try:
@@ -82,11 +86,17 @@ def _load_pixels(source, resolution: int, flip: bool) -> torch.Tensor | None:
         w, h = img.size
     left, top = (w - resolution) // 2, (h - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
-    # torch's RNG is reseeded per DataLoader worker, so flips differ between workers and epochs.
-    if flip and torch.rand(()) < 0.5:
-        pixels = pixels.flip(-1)
-    return pixels
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def random_hflip(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image of ``pixels`` [B, C, H, W] horizontally with probability 0.5.
+
+    Drawn from ``generator`` (the training step's), not in the dataset: the flips of a step are then a
+    function of ``(seed, rank, step)`` like its batch, whatever the DataLoader workers, and a resumed run
+    replays them."""
+    flip = (torch.rand(len(pixels), generator=generator) < 0.5).to(pixels.device)
+    return torch.where(flip.view(-1, *[1] * (pixels.dim() - 1)), pixels.flip(-1), pixels)
 
 
 def _item(pixels: torch.Tensor | None, text, index: int) -> dict | None:
@@ -99,9 +109,9 @@ class ImageCaptionFolder(Dataset):
     """Images listed in ``<root>/metadata.jsonl`` (one JSON object per line, as written by
     ``ToyWorld.write_folder`` or the Hugging Face ``imagefolder`` layout)."""
 
-    def __init__(self, root: str | os.PathLike, resolution: int = 32, random_flip: bool = False,
-                 image_column: str = "file_name", caption_column: str = "text"):
-        self.root, self.resolution, self.random_flip = Path(root), resolution, random_flip
+    def __init__(self, root: str | os.PathLike, resolution: int = 32, image_column: str = "file_name",
+                 caption_column: str = "text"):
+        self.root, self.resolution = Path(root), resolution
         self.image_column, self.caption_column = image_column, caption_column
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
@@ -134,7 +144,7 @@ class ImageCaptionFolder(Dataset):
         name = row.get(self.image_column)
         if not isinstance(name, str):
             return None
-        return _item(_load_pixels(self.root / name, self.resolution, self.random_flip),
+        return _item(_load_pixels(self.root / name, self.resolution),
                      row.get(self.caption_column), index)
 
 
@@ -156,8 +166,8 @@ class TarShards(Dataset):
     DataLoader workers never share a forked file offset.
     """
 
-    def __init__(self, path: str, resolution: int = 32, random_flip: bool = False, caption_key: str = "text"):
-        self.path, self.resolution, self.random_flip = path, resolution, random_flip
+    def __init__(self, path: str, resolution: int = 32, caption_key: str = "text"):
+        self.path, self.resolution = path, resolution
         self.caption_keys = tuple(dict.fromkeys((caption_key, "text", "caption")))
         self.shards = _resolve_shards(path)
         if not self.shards:
@@ -223,7 +233,7 @@ class TarShards(Dataset):
             data = self._read(shard_id, image)
         except (OSError, ValueError):  # unreadable shard, bad UTF-8 or JSON (JSONDecodeError is a ValueError)
             return None
-        return _item(_load_pixels(io.BytesIO(data), self.resolution, self.random_flip), text, index)
+        return _item(_load_pixels(io.BytesIO(data), self.resolution), text, index)
 
     def close(self) -> None:
         """Close this process's cached shard handles."""
@@ -234,11 +244,11 @@ class TarShards(Dataset):
 class ToyImages(Dataset):
     """The first ``num_images`` samples of ``ToyWorld(seed, "train")``, rendered on access (never None)."""
 
-    def __init__(self, num_images: int = 16384, seed: int = 0, resolution: int = 32, random_flip: bool = False):
+    def __init__(self, num_images: int = 16384, seed: int = 0, resolution: int = 32):
         from lcm_lab.toy.world import ToyWorld
 
         self.world = ToyWorld(seed, "train")
-        self.num_images, self.resolution, self.random_flip = num_images, resolution, random_flip
+        self.num_images, self.resolution = num_images, resolution
 
     def __len__(self) -> int:
         return self.num_images
@@ -249,18 +259,17 @@ class ToyImages(Dataset):
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} toy images")
         sample = self.world[index]
-        return _item(_load_pixels(Image.fromarray(sample.image), self.resolution, self.random_flip),
+        return _item(_load_pixels(Image.fromarray(sample.image), self.resolution),
                      sample.caption, index)
 
 
 def build_dataset(config: DataConfig) -> Dataset:
     """The dataset ``config`` describes."""
     if config.type == "toy":
-        return ToyImages(config.num_images, config.toy_seed, config.resolution, config.random_flip)
+        return ToyImages(config.num_images, config.toy_seed, config.resolution)
     if config.type == "folder":
-        return ImageCaptionFolder(config.path, config.resolution, config.random_flip,
-                                  config.image_column, config.caption_column)
-    return TarShards(config.path, config.resolution, config.random_flip, config.caption_column)
+        return ImageCaptionFolder(config.path, config.resolution, config.image_column, config.caption_column)
+    return TarShards(config.path, config.resolution, config.caption_column)
 
 
 def collate(items: Sequence[dict | None]) -> dict:
@@ -362,10 +371,7 @@ class LatentCache:
 def encode_dataset(dataset: Dataset, vae, batch_size: int = 256, device="cpu",
                    progress: bool = True) -> tuple[LatentCache, int]:
     """Encode every readable item of ``dataset`` in order with ``vae.encode(x).latent_dist`` (a diffusers
-    AutoencoderKL) and return the cache and the number of unreadable items skipped.
-
-    Build the dataset without ``random_flip`` for caching: a flip would be baked into the cached latents.
-    """
+    AutoencoderKL) and return the cache and the number of unreadable items skipped."""
     from tqdm.auto import tqdm
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)

@@ -16,7 +16,7 @@ class EMA:
 
     Args:
         online: the trained module (unwrapped, not DDP).
-        decay: EMA decay (LCD target: 0.95, LCM paper / REFERENCE.md §1).
+        decay: EMA decay (LCD target: 0.95, diffusers' ``train_lcm_distill_sd_wds.py``).
         model: the module holding the shadow weights; must have the same parameter names as ``online``.
     """
 
@@ -46,7 +46,9 @@ class EMA:
         torch._foreach_lerp_(self._shadow, [p.detach() for p in self._online], 1.0 - self.decay)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": {n: p.detach().clone() for n, p in zip(self.names, self._shadow)}}
+        """The decay and the shadow tensors themselves (like ``Module.state_dict``: no copies, so saving a
+        checkpoint does not double the target's memory)."""
+        return {"decay": self.decay, "shadow": {n: p.detach() for n, p in zip(self.names, self._shadow)}}
 
     def load_state_dict(self, state: dict) -> None:
         shadow = state["shadow"]

@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
+from ..core.conditioning import Conditioning
 from ..core.latents import LatentCodec
 from ..models.sd import check_prompts, load_ldm, toy_teacher_dir
 from ..models.sdxl import is_sdxl_dir, load_sdxl, sdxl_uncond
-from ..objectives.lcd import Conditioning, LCDConfig, LCDLoss
+from ..objectives.lcd import LCDConfig, LCDLoss
 from ..toy.world import IMAGE_SIZE as TOY_IMAGE_SIZE
-from .data import DataConfig, StepBatchSampler, build_dataset, encode_dataset, make_dataloader
+from .data import DataConfig, StepBatchSampler, build_dataset, encode_dataset, make_dataloader, random_hflip
 from .ema import EMA
 from .trainer import LoopConfig, apply_channels_last, train
 
@@ -133,7 +134,8 @@ class LCDTask:
         self.dataset = build_dataset(config.data)
         self.cache = None
         self.objective: LCDLoss | None = None
-        self.skipped = 0
+        self.skipped = 0  # unreadable images this process met (skipped_total: all processes, as of the last step)
+        self.skipped_total = 0
 
     # ------------------------------------------------------------------ setup
     def setup(self, accelerator, channels_last: str = "frozen") -> None:
@@ -197,6 +199,8 @@ class LCDTask:
             latents = codec.scale((mean + std * eps).to(device))
             return latents, list(texts), 0
         pixels = batch["pixel_values"].to(device)
+        if self.config.data.random_flip:
+            pixels = random_hflip(pixels, generator)
         latents = codec.encode(pixels, generator=generator, sample=True, no_grad=True)
         return latents.float(), list(batch["text"]), int(batch["skipped"])
 
@@ -229,17 +233,26 @@ class LCDTask:
         # accelerate, and would otherwise get half-precision text embeddings with its float32 weights.
         with self.accelerator.autocast():
             loss, logs = self.objective(student, self.target_net(), latents, cond, generator)
-        return loss, {"loss": logs["loss"], "skipped_images": self.skipped}
+        return loss, {"loss": logs["loss"]}
 
     def after_step(self, step: int) -> dict:
         if self.ema is not None:
             self.ema.update()
-        return {}
+        # Unreadable images so far, summed over the processes (each counts what its own batches met).
+        self.skipped_total = int(self.accelerator.reduce(torch.tensor(self.skipped, device=self.accelerator.device),
+                                                         reduction="sum"))
+        return {"skipped_images": float(self.skipped_total)}
 
     def extra_state(self) -> dict:
-        return {} if self.ema is None else {"target_ema": self.ema.state_dict()["shadow"]}
+        state = {"counters": {"skipped_images": torch.tensor(self.skipped_total)}}
+        if self.ema is not None:
+            state["target_ema"] = self.ema.state_dict()["shadow"]
+        return state
 
     def load_extra_state(self, state: dict) -> None:
+        # The checkpoint holds the all-process total: the main process carries it on, the others restart at 0.
+        total = int(state["counters"]["skipped_images"]) if "counters" in state else 0
+        self.skipped = total if self.accelerator.is_main_process else 0
         if self.ema is not None:
             if "target_ema" not in state:
                 raise KeyError("checkpoint has no target_ema state but this run uses an EMA target")

@@ -1,4 +1,4 @@
-"""RG-LCD as a :class:`~lcm_lab.training.trainer.Task`: LCD plus reward guidance (REFERENCE.md §2).
+"""RG-LCD as a :class:`~lcm_lab.training.trainer.Task`: LCD plus reward guidance (Li et al., TMLR 2024).
 
 :class:`RGLCDTask` is :class:`~lcm_lab.training.lcd.LCDTask` (same teacher, student, EMA target, data,
 validation and export) with four differences:
@@ -114,8 +114,7 @@ class RGLCDTask(LCDTask):
                 "sets": [logs["pred"].detach()[idx], logs["target"][idx], latents[idx]],  # (pred, target, gt)
                 "text_states": cond.encoder_hidden_states[idx], "prompts": [texts[i] for i in keep.tolist()],
             }
-        return loss, {"loss": logs["loss"], "lcd_loss": logs["lcd_loss"], "reward": logs["reward"],
-                      "skipped_images": self.skipped}
+        return loss, {"loss": logs["loss"], "lcd_loss": logs["lcd_loss"], "reward": logs["reward"]}
 
     def after_step(self, step: int) -> dict:
         logs = {}

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["LoopConfig", "Task", "train", "step_generator", "apply_channels_last"]
 
@@ -71,6 +71,9 @@ class LoopConfig:
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("seed", "lr_warmup_steps", "validation_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         _check_channels_last(self.channels_last)
@@ -116,8 +119,8 @@ class Task(Protocol):
 
     def load_extra_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None: ...
 
-    def validation_images(self) -> torch.Tensor:
-        """A grid's worth of images [N, 3, H, W] in [0, 1] from the current model, and its row count."""
+    def validation_images(self) -> tuple[torch.Tensor, int]:
+        """A grid's worth of images [N, 3, H, W] in [0, 1] from the current model, and the images per row."""
 
     def export(self, out_dir: Path) -> None:
         """Write the final model(s) in a stock format."""
@@ -129,13 +132,16 @@ def apply_channels_last(mode: str, student: torch.nn.Module, *frozen: torch.nn.M
 
     Why "frozen" by default: on CPU (oneDNN) channels-last sped up the forward passes of an LCD step but
     made the student's SD1.5-size backward 8-49% slower (benchmarks/RESULTS.md, "LCD training step"), and
-    the frozen nets only run forwards. Results differ from NCHW only by float rounding.
+    the frozen nets only run forwards. Results differ from NCHW only by float rounding. Weights a frozen net
+    shares with the student (a LoRA student's base weights, shared by its EMA target) keep the student's layout.
     """
     _check_channels_last(mode)
     nets = (*frozen, student) if mode == "all" else frozen if mode == "frozen" else ()
+    keep = {id(p) for p in student.parameters()} if mode == "frozen" else set()
     for m in nets:
-        if m is not None:
-            m.to(memory_format=torch.channels_last)
+        for p in () if m is None else m.parameters():
+            if p.dim() == 4 and id(p) not in keep:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
 
 
 def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
@@ -206,9 +212,17 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
             log_with=trackers,
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         )
+    if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
+        raise ValueError(f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
+                         f"train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps}")
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # The EMA target, the gradient clipping and the export read the student's full, unsharded parameters.
+        raise ValueError(f"{accelerator.distributed_type.value} is not supported: the EMA target and the export "
+                         "need the student's full parameters on every process. Use DDP "
+                         "(configs/accelerate/multi_gpu.yaml) with gradient checkpointing and mixed precision.")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != accelerator.num_processes:
-        raise RuntimeError(
+        raise ValueError(
             f"launched as {world} processes but accelerate runs {accelerator.num_processes}: every process would "
             "train alone and overwrite the others' checkpoints. Without GPUs set ACCELERATE_USE_CPU=1 and use "
             "`accelerate launch --multi_gpu --num_processes N ...` (see configs/accelerate/multi_gpu.yaml).")
@@ -223,7 +237,7 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the student has no trainable parameters")
-    for p in params:  # master weights stay fp32 whatever the mixed precision (REFERENCE.md §1)
+    for p in params:  # master weights stay fp32 whatever the mixed precision (as diffusers' LCD scripts)
         p.data = p.data.float()
     optimizer = _optimizer(params, cfg, accelerator.device)
     # accelerate steps a prepared scheduler once per process per optimizer step.
@@ -233,6 +247,8 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
 
     ckpt_root = out / "checkpoints"
+    layout = {"num_processes": accelerator.num_processes, "batch_size": cfg.batch_size,
+              "gradient_accumulation_steps": cfg.gradient_accumulation_steps}  # what a resume must match
     start = 0
     if cfg.resume_from_checkpoint:
         try:
@@ -242,8 +258,12 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
                 raise
             path = None
         if path is not None:
-            start = load_checkpoint(accelerator, path, task.load_extra_state)
+            start = load_checkpoint(accelerator, path, task.load_extra_state, layout)
             accelerator.print(f"resumed from {path} at step {start}")
+    elif checkpoint_dirs(ckpt_root):
+        # A fresh run here would prune the earlier run's checkpoints as soon as it saves its first one.
+        raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run (latest: {checkpoint_dirs(ckpt_root)[-1].name}); "
+                         "set train.resume_from_checkpoint=latest to continue it, or choose a new train.output_dir")
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -254,7 +274,6 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
     data = task.batches(rank, start * accum)
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train",
                disable=not (cfg.progress and accelerator.is_local_main_process), dynamic_ncols=True)
-    logs: dict = {}
     for step in bar:
         student.train()
         sums: dict[str, float] = {}
@@ -268,8 +287,13 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
                         "Lower train.learning_rate or check the data.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    sums["grad_norm"] = float(grad_norm)
+                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+                    # fp16's loss scaler skips steps with inf gradients by design; otherwise they are a fault.
+                    if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":
+                        raise FloatingPointError(
+                            f"non-finite gradient norm ({grad_norm}) at step {step}; nothing was updated and the "
+                            f"last checkpoint in {ckpt_root} is intact. Lower train.learning_rate or check the data.")
+                    sums["grad_norm"] = grad_norm
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -279,15 +303,15 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
         sums["lr"] = lr_scheduler.get_last_lr()[0]
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            logs = {k: v for k, v in sums.items()}
-            accelerator.log(logs, step=done)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "grad_norm")})
+            accelerator.log(sums, step=done)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in sums.items() if k in ("loss", "grad_norm")})
         if done % cfg.checkpointing_steps == 0 or done == cfg.max_steps:
             if not all(torch.isfinite(p).all() for p in params):  # a finite loss can still blow the weights up
                 raise FloatingPointError(
                     f"non-finite student weights after step {done}: not saved; the last checkpoint in {ckpt_root} "
                     "is intact. Lower train.learning_rate or set train.max_grad_norm.")
-            save_checkpoint(accelerator, ckpt_root, done, task.extra_state(), cfg.checkpoints_total_limit)
+            extra = task.extra_state() if accelerator.is_main_process else {}  # only the main process writes them
+            save_checkpoint(accelerator, ckpt_root, done, extra, cfg.checkpoints_total_limit, layout)
         if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_steps):
             _validate(accelerator, task, out, done)
 

@@ -16,7 +16,7 @@ def run_two_cpu_ranks(out: Path, method: str, port: int) -> tuple[dict[str, torc
     """Train ``method`` ("lcd" or "rg_lcd") for a few steps on two gloo ranks; returns rank 0's and rank 1's
     parameters and rank 0's ``ranks.json``.
 
-    REFERENCE.md §7: ``accelerate launch --cpu --num_processes 2`` silently runs one process, hence
+    ``accelerate launch --cpu --num_processes 2`` silently runs one process, hence
     ``--multi_gpu`` with ``ACCELERATE_USE_CPU``.
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="1")
