@@ -18,6 +18,8 @@ def test_projection_scales_each_stage_rate_by_the_default_build():
     for stage in ("vae", "judge", "reward", "teacher"):
         rate = result["seconds_per_step"][stage]
         assert rate > 0
-        assert result["projected_minutes"][stage] == pytest.approx(rate * full[f"{stage}_steps"] / 60, abs=0.06)
+        steps = full[f"{stage}_steps"]
+        # the report rounds minutes to 0.1 and the rate to 1e-4 s: the bound is those two roundings
+        assert result["projected_minutes"][stage] == pytest.approx(rate * steps / 60, abs=0.05 + 5e-5 * steps / 60 + 1e-9)
     assert result["projected_minutes"]["data"] > 0 and result["projected_minutes"]["latents"] > 0
     assert result["projected_total_minutes"] == pytest.approx(sum(result["projected_minutes"].values()), abs=0.35)

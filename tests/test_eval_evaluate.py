@@ -177,12 +177,17 @@ def test_evaluate_fid_kid_against_a_reference_folder(ldm, prompt_file, tmp_path)
     row = evaluate(ldm, "ddim", 2, str(prompt_file), num_samples=4, seeds=0, guidance=2.0, suite=suite,
                    progress=False)
     assert {"fid", "kid", "kid_std", "fid_reference_num"} <= set(row) and row["fid_reference_num"] == 6
+    # the row records how FID/KID were measured: resize mode, Inception precision, KID subset size (capped at 4)
+    assert (row["fid_antialias"], row["inception_dtype"], row["kid_subset_size"]) == (False, "float32", 4)
     assert row["fid"] > 0 and math.isfinite(row["kid"])
 
     files = list_images(ref_dir)
     assert len(files) == 6
     ref = load_reference_images(files, 16)
     assert ref.shape == (6, 3, 16, 16) and ref.dtype == torch.uint8
+    (ref_dir / "real_9.png").write_bytes(b"\x89PNG truncated")  # a damaged reference file is named, not skipped
+    with pytest.raises(ValueError, match=r"cannot read reference image .*real_9.png"):
+        load_reference_images(list_images(ref_dir), 16)
     fake = generate(ldm, [PROMPTS[i % 3] for i in range(4)], [0, 1, 2, 3], sampler="ddim", steps=2,
                     guidance_scale=2.0, progress=False)
     direct = InceptionMetrics(feature=64, kid_subsets=4, inception=suite.inception.inception)
@@ -320,12 +325,12 @@ def test_eval_cli_hps_benchmark_per_style(tiny_sd, tmp_path):
     assert row["num_samples"] == 8 and row["prompt_set"] == f"hps:{bench}"
     assert {f"hpsv2_{s}" for s in HPS_STYLES} | {"hpsv2"} <= set(row) and "clip" not in row
 
-    prompts = [f"{s} {p}" for s in HPS_STYLES for p in ("red circle", "blue square")]
+    prompts = [f"{s} {p}" for p in ("red circle", "blue square") for s in HPS_STYLES]  # styles interleaved
     images = generate(load_ldm(tiny_sd), prompts, list(range(8)), sampler="lcm", steps=2, guidance_scale=2.0,
                       progress=False)
     with torch.no_grad():
         scores = HPSv2Reward(ckpt, arch=str(arch), antialias=True)(images, prompts).double()  # metrics resize as PIL
-    per_style = 100 * scores.view(4, 2).mean(1)
+    per_style = 100 * scores.view(2, 4).mean(0)
     for style, value in zip(HPS_STYLES, per_style.tolist()):
         assert math.isclose(row[f"hpsv2_{style}"], value, rel_tol=1e-5), style
     assert math.isclose(row["hpsv2"], per_style.mean().item(), rel_tol=1e-5)

@@ -178,6 +178,13 @@ def test_fid_kid_helper_and_uint8_input(inception64):
     assert out["num_real"] == out["num_fake"] == 4 and out["fid"] > 0 and math.isfinite(out["kid"])
 
 
+def test_images_outside_unit_range_are_an_error():
+    images = smooth_images(2, size=16)
+    assert int(fidmod.to_uint8_tensor(images * 0 + 1.001).min()) == 255  # decoder rounding overshoot: clamped
+    with pytest.raises(ValueError, match=r"expected float images in \[0, 1\], got min -0.*x / 2 \+ 0.5"):
+        fidmod.to_uint8_tensor(images * 2 - 1)
+
+
 def test_fewer_than_two_samples_is_a_value_error(inception64):
     metrics = InceptionMetrics(feature=64, inception=inception64)
     images = smooth_images(3, size=16)

@@ -510,6 +510,19 @@ def test_imagereward_rejects_a_checkpoint_without_its_weights(tmp_path, monkeypa
     imagereward.ImageRewardReward(tmp_path)  # one unused tensor missing: loads, as upstream
 
 
+def test_imagereward_names_the_missing_bert_tokenizer(tmp_path, monkeypatch):
+    from lcm_lab.rewards import imagereward
+
+    def no_tokenizer(med_config, device):  # what BLIP's BertTokenizer.from_pretrained raises offline
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files of bert-base-uncased")
+
+    monkeypatch.setattr(imagereward, "_imagereward_class", lambda: no_tokenizer)
+    (tmp_path / "med_config.json").write_text("{}")
+    torch.save({}, tmp_path / "ImageReward.pt")
+    with pytest.raises(FileNotFoundError, match="'bert-base-uncased' tokenizer .*huggingface-cli download"):
+        imagereward.ImageRewardReward(tmp_path)
+
+
 class _FakeEncoding:
     def __init__(self, input_ids):
         self.input_ids, self.attention_mask = input_ids, torch.ones_like(input_ids)
@@ -632,3 +645,19 @@ def test_toy_clip_loader_on_a_fresh_toy_format_model(tmp_path):
     torch.testing.assert_close(reward(images, PROMPTS), 100 * cos, atol=1e-4, rtol=0)
     assert isinstance(open_clip.get_tokenizer(f"local-dir:{tmp_path}"), open_clip.SimpleTokenizer)
     _check_gradients(reward)
+
+
+def test_builtin_architecture_takes_the_preprocessing_its_checkpoints_agree_on(monkeypatch):
+    """A bare weights file + built-in name: SigLIP's checkpoints all use mean = std = 0.5 and squash resizing,
+    not the OpenAI defaults open_clip falls back to without pretrained weights; ViT-B-32's all use OpenAI's."""
+    import open_clip
+
+    from lcm_lab.rewards.clip_score import create_open_clip
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", lambda name: None)  # SigLIP's comes from the hub
+    siglip, _ = create_open_clip("ViT-B-16-SigLIP")
+    cfg = siglip.visual.preprocess_cfg
+    assert (cfg["mean"], cfg["std"], cfg["resize_mode"]) == ((0.5,) * 3, (0.5,) * 3, "squash")
+    vit_b, _ = create_open_clip("ViT-B-32")
+    assert vit_b.visual.preprocess_cfg["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert vit_b.visual.preprocess_cfg["resize_mode"] == "shortest"

@@ -191,7 +191,7 @@ def test_lrm_update_gets_aligned_prediction_target_data_triplets(tmp_path):
 def test_two_cpu_ranks_keep_identical_student_and_lrm(tmp_path):
     """The LRM's gradients are all-reduced like the student's: two CPU ranks (gloo) that train
     on different data end with the same student and the same latent reward model."""
-    r0, r1, info = run_two_cpu_ranks(tmp_path, "rg_lcd", port=29533)
+    r0, r1, info = run_two_cpu_ranks(tmp_path, "rg_lcd")
     assert r0.keys() == r1.keys() and any(k.startswith("lrm.") for k in r0)
     assert all(torch.equal(r0[k], r1[k]) for k in r0), [k for k in r0 if not torch.equal(r0[k], r1[k])][:5]
     assert info["world_size"] == 2 and info["batches_differ"]
@@ -388,6 +388,16 @@ def test_config_errors_are_clear(tmp_path):
         for mode in ("direct", "lrm"):  # lrm mode also checks the pre-training batch against the training batch
             load_method_config("rg_lcd", REPO / "configs" / name,
                                ["data.path=/shards", "model.teacher=/sd", f"reward.mode={mode}"])
+
+
+def test_clip_experts_train_on_the_raw_cosine_unless_configured():
+    from lcm_lab.objectives.rg_lcd import RGLCDConfig, build_expert
+
+    (raw,) = build_expert(RGLCDConfig(reward="0.01*toy-clip", mode="direct")).models
+    assert raw.clip_at_zero is False  # no zero-gradient floor below cos = 0 during training
+    (clamped,) = build_expert(RGLCDConfig(reward="toy-clip", mode="direct",
+                                          reward_kwargs={"toy-clip": {"clip_at_zero": True}})).models
+    assert clamped.clip_at_zero is True
 
 
 def test_direct_mode_rejects_a_non_differentiable_expert():

@@ -149,6 +149,23 @@ def test_cli_sample_writes_png_and_rejects_bad_input(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
 
 
+def test_demo_checks_are_the_issue_bounds():
+    from lcm_lab.demo import demo_checks
+
+    def rows(l2_fd, l4_fd, l2_acc, l4_acc):
+        return {"teacher-ddim-50": {"fd": 40.0, "accuracy": 0.99}, "teacher-ddim-4": {"fd": 100.0, "accuracy": 0.7},
+                "lcm-2": {"fd": l2_fd, "accuracy": l2_acc}, "lcm-4": {"fd": l4_fd, "accuracy": l4_acc}}
+
+    passing = demo_checks(rows(80.0, 50.0, 0.94, 0.94))  # every value exactly at (or inside) its bound
+    assert [c["pass"] for c in passing] == [True] * 5
+    assert [c["bound"] for c in passing] == pytest.approx([60.0, 80.0, 0.94, 0.94, 50.0])
+    # one value past its bound fails exactly the checks that read it (LCM-4 FD has two bounds)
+    for values, failing in (((80.0, 50.5, 0.94, 0.94), {4}), ((80.0, 60.5, 0.94, 0.94), {0, 4}),
+                            ((80.5, 50.0, 0.94, 0.94), {1}), ((80.0, 50.0, 0.94, 0.93), {2}),
+                            ((80.0, 50.0, 0.93, 0.94), {3})):
+        assert {i for i, c in enumerate(demo_checks(rows(*values))) if not c["pass"]} == failing
+
+
 def test_demo_distills_evaluates_and_reports(tmp_path):
     from lcm_lab.demo import run_demo
 

@@ -61,6 +61,34 @@ def test_every_trainable_parameter_changes_and_export_loads(tmp_path):
     assert torch.equal(dict(exported.named_parameters())[name], after[name].detach())
 
 
+def test_lcd_training_shrinks_the_held_out_consistency_gap(tmp_path):
+    """Learning, not just movement: 40 steps of the toy recipe make f(x_{t_{n+k}}) and f(x_hat_{t_n}) (the
+    teacher's solver step) agree better on images the run never saw (measured: 0.102 -> 0.094)."""
+    import copy
+
+    from lcm_lab.core.conditioning import Conditioning
+    from lcm_lab.core.latents import LatentCodec
+    from lcm_lab.training.data import ToyImages, collate
+
+    cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", tiny_overrides(
+        tmp_path, 40, **{"train.batch_size": 16, "train.learning_rate": 1e-4, "data.num_images": 1024,
+                         "train.checkpointing_steps": 40}))
+    task = LCDTask(cfg)
+    held_out = collate([ToyImages(4352)[i] for i in range(4096, 4352)])  # the run trains on items 0..1023
+    latents = LatentCodec(task.ldm.vae).encode(held_out["pixel_values"], generator=torch.Generator().manual_seed(0),
+                                               sample=True, no_grad=True)
+    cond = Conditioning(task.ldm.encode_prompts(held_out["text"], allow_empty=True, truncate=True))
+    initial = copy.deepcopy(task.student)
+    train(cfg.train, task)
+
+    def gap(net):  # the LCD loss with the net as its own target, on fixed draws
+        with torch.no_grad():
+            return float(task.objective(net, net, latents, cond, torch.Generator().manual_seed(123))[0])
+
+    before = gap(initial)
+    assert gap(task.student) < 0.96 * before and gap(task.ema.model) < 0.96 * before
+
+
 def test_validation_grid_samples_with_the_objectives_lcm_grid_and_scaling(tmp_path):
     import copy
 
@@ -108,6 +136,12 @@ def test_corrupt_or_incomplete_checkpoint_names_the_folder(tmp_path):
         with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoint-2.*If the folder is damaged"):
             run_lcd(tmp_path, 4, **resume)
         file.write_bytes(good)
+    state = ckpt / "lcm_lab_state.json"
+    good = state.read_text()
+    state.write_text(good[:5])
+    with pytest.raises(CheckpointError, match=r"checkpoint-2: unreadable lcm_lab_state.json"):
+        run_lcd(tmp_path, 4, **resume)
+    state.write_text(good)
     # a resume with another batch layout would replay neither the data order nor the RNG streams
     with pytest.raises(CheckpointError, match=r"checkpoint-2: it was saved with batch_size=4 \(now 2\)"):
         run_lcd(tmp_path, 4, **resume, **{"train.batch_size": 2})
@@ -257,23 +291,23 @@ def test_cli_rejects_unknown_key(capsys):
     assert main(["train", "lcd", "--config", str(REPO / "configs/toy/lcd.yaml"), "--print-config",
                  "train.lr_scheduler=cosine_annealing"]) == 2
     assert "lr_scheduler must be one of linear, cosine" in capsys.readouterr().err
-    # a missing optional package is one line, not a traceback
+
+
+def test_cli_reports_a_missing_optional_package_in_one_line(tmp_path, capsys, monkeypatch):
+    from lcm_lab.cli import main
+
+    monkeypatch.setitem(sys.modules, "xformers", None)  # absent, whether or not this machine has it
     assert main(["train", "lcd", "--config", str(REPO / "configs/toy/lcd.yaml"), "train.attention=xformers",
-                 "train.output_dir=" + str(REPO / "outputs" / "never")]) == (0 if _has("xformers") else 2)
+                 *tiny_overrides(tmp_path, 1)]) == 2
+    assert "attention=xformers needs the xformers package" in capsys.readouterr().err
 
 
 def test_training_script_prints_user_errors_in_one_line():
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_lcd.py"), "--config",
                            str(REPO / "configs/toy/lcd.yaml"), "train.bogus=1"], capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: unknown config key train.'bogus'")
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
@@ -293,6 +327,21 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     more = run_lcd(tmp_path / "run", 3, **{"data.type": "folder", "data.path": str(folder),
                                           "data.cache_latents": False})
     assert more.skipped_total == expected + sum(i in (1, 4) for i in StepBatchSampler(6, 4, 0, 0).batch(2))
+
+
+def test_over_long_captions_are_truncated_and_counted(tmp_path):
+    from lcm_lab.toy.world import ToyWorld
+
+    folder = ToyWorld(0, "train").write_folder(tmp_path / "data", n=6)
+    meta = folder / "metadata.jsonl"
+    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    rows[2]["text"] = "a red circle " * 40  # 120 words, past the toy text encoder's context
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = run_lcd(tmp_path / "run", 2, **{"data.type": "folder", "data.path": str(folder),
+                                           "data.cache_latents": False})
+    drawn = [i for step in range(2) for i in StepBatchSampler(6, 4, 0, 0).batch(step)]
+    assert drawn.count(2) > 0 and task.truncated == task.truncated_total == drawn.count(2)
+    assert task.skipped_total == 0
 
 
 def test_a_wholly_unreadable_batch_is_skipped_and_counted(tmp_path):
@@ -375,7 +424,7 @@ def test_blown_up_weights_are_not_checkpointed(tmp_path):
 
 
 def test_two_cpu_ranks_keep_identical_parameters(tmp_path):
-    r0, r1, info = run_two_cpu_ranks(tmp_path, "lcd", port=29531)
+    r0, r1, info = run_two_cpu_ranks(tmp_path, "lcd")
     assert r0.keys() == r1.keys() and len(r0) > 0
     assert all(torch.equal(r0[k], r1[k]) for k in r0), "ranks diverged"
     assert info["world_size"] == 2

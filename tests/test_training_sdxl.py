@@ -280,8 +280,13 @@ def test_full_lcd_under_mixed_precision(teacher, teacher_dir, data_dir, tmp_path
         extra.update({"model.teacher": "null", "data.type": "toy", "data.num_images": 8})
     cfg = load_method_config("lcd", None, overrides(tmp_path, teacher_dir, data_dir, **extra))
     task = LCDTask(cfg)
+    before = {n: p.detach().clone() for n, p in task.student.named_parameters() if p.requires_grad}
     train(cfg.train, task)
     assert task.ldm.unet.dtype == torch.bfloat16
+    # the student keeps float32 master weights, and the bf16 forwards still train them
+    after = dict(task.student.named_parameters())
+    assert all(after[n].dtype == torch.float32 and torch.isfinite(after[n]).all() for n in before)
+    assert sum(not torch.equal(p, after[n].detach()) for n, p in before.items()) > 0.9 * len(before)
     if teacher == "sdxl":
         assert task.ldm.vae.dtype == torch.float32  # force_upcast: SDXL's VAE overflows in half precision
     assert (tmp_path / "validation" / "step-000002.png").is_file()

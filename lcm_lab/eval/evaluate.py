@@ -316,8 +316,12 @@ class _Accumulator:
             if "fid" in s.metrics:
                 out["fid"] = res["fid"]
             if "kid" in s.metrics:
-                out.update(kid=res["kid"], kid_std=res["kid_std"])
+                out.update(kid=res["kid"], kid_std=res["kid_std"], kid_subset_size=res["kid_subset_size"])
+            # the settings FID/KID figures depend on, so that a row says how it was measured
             out["fid_reference_num"] = res["num_real"]
+            out["fid_antialias"] = s.inception.antialias  # false: TF-compatible bilinear resize to 299 px
+            dtype = next((p.dtype for p in s.inception.inception.parameters()), None)
+            out["inception_dtype"] = None if dtype is None else str(dtype).removeprefix("torch.")
         if s.hps is not None:
             out.update(self.hps.summary("hpsv2"))
         return out

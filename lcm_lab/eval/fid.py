@@ -128,7 +128,12 @@ def to_uint8_tensor(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
     if images.dtype == torch.uint8:
         return images
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    images = images.detach().float()
+    lo, hi = torch.aminmax(images)
+    if lo < -0.002 or hi > 1.002:  # under half a gray level of slack: [-1, 1] input would clamp silently
+        raise ValueError(f"expected float images in [0, 1], got min {float(lo):.4g}, max {float(hi):.4g} "
+                         "(convert [-1, 1] images with x / 2 + 0.5)")
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 class _Features(torch.nn.Module):

@@ -107,13 +107,19 @@ class RGLCDConfig:
 def build_expert(config: RGLCDConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """The expert :class:`~lcm_lab.rewards.base.WeightedReward` of ``config.reward`` (frozen).
 
-    ImageReward terms get ``clip_max = config.imagereward_clip`` unless ``reward_kwargs`` sets it.
+    ImageReward terms get ``clip_max = config.imagereward_clip`` and CLIP-score terms (``clip``,
+    ``toy-clip``) ``clip_at_zero = False`` unless ``reward_kwargs`` sets them: as a training signal the
+    raw cosine is used, as in the reference's CLIP reward; clamping it at 0 (the metric's definition)
+    would give no gradient to images the expert scores below 0.
     """
     from ..rewards import parse_reward_spec, parse_reward_terms
 
     kwargs = {k.lower(): dict(v) for k, v in config.reward_kwargs.items()}
-    if any(name == "imagereward" for _, name in parse_reward_terms(config.reward)):
+    names = {name.lower() for _, name in parse_reward_terms(config.reward)}
+    if "imagereward" in names:
         kwargs.setdefault("imagereward", {}).setdefault("clip_max", config.imagereward_clip)
+    for name in names & {"clip", "toy-clip"}:
+        kwargs.setdefault(name, {}).setdefault("clip_at_zero", False)
     return parse_reward_spec(config.reward, kwargs, device=device, dtype=dtype)
 
 

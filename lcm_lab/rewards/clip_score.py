@@ -76,6 +76,9 @@ def _tokenizer_for_config(text_cfg: Mapping):
     return SimpleTokenizer(context_length=context_length, **text_cfg.get("tokenizer_kwargs", {}))
 
 
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")  # of an open_clip pretrained config
+
+
 def create_open_clip(arch: str | os.PathLike | Mapping) -> tuple[torch.nn.Module, object]:
     """A randomly initialised open_clip model and its tokenizer, without loading any weights.
 
@@ -95,7 +98,18 @@ def create_open_clip(arch: str | os.PathLike | Mapping) -> tuple[torch.nn.Module
         if name not in open_clip.list_models():
             raise ValueError(f"unknown open_clip architecture {name!r}; pass a built-in name "
                              f"(open_clip.list_models()), a model-config dict or a .json config file")
-        return open_clip.create_model(name, pretrained=None), open_clip.get_tokenizer(name)
+        model = open_clip.create_model(name, pretrained=None)
+        # Without pretrained weights open_clip falls back to OpenAI's preprocessing. Where every published
+        # checkpoint of the architecture agrees on another one (SigLIP: mean = std = 0.5, squash), use it;
+        # where they disagree (ViT-H-14: laion2b vs dfn5b), the OpenAI default stays (HPSv2's) and a .json
+        # config with a "preprocess_cfg" picks another.
+        known = {tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in
+                              open_clip.get_pretrained_cfg(name, tag).items() if k in _PREPROCESS_KEYS))
+                 for tag in open_clip.list_pretrained_tags_by_model(name)}
+        if len(known) == 1:
+            set_model_preprocess_cfg(model, {**asdict(PreprocessCfg()), **dict(known.pop()),
+                                             "size": model.visual.image_size})
+        return model, open_clip.get_tokenizer(name)
     preprocess = {}
     if not isinstance(arch, Mapping) and str(arch).endswith(".json"):
         preprocess = json.loads(Path(arch).read_text()).get("preprocess_cfg", {})

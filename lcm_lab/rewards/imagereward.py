@@ -65,7 +65,7 @@ class ImageRewardReward(RewardModel):
 
     Raises:
         ImportError: the ``image-reward`` package is missing (``pip install image-reward``).
-        FileNotFoundError: the checkpoint or ``med_config.json`` is missing.
+        FileNotFoundError: the checkpoint, ``med_config.json`` or the cached ``bert-base-uncased`` tokenizer is missing.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, med_config: str | os.PathLike | None = None,
@@ -83,7 +83,13 @@ class ImageRewardReward(RewardModel):
         if not med.is_file():
             raise FileNotFoundError(f"ImageReward: {med} not found; download {IMAGEREWARD_MED_CONFIG} from "
                                     f"{IMAGEREWARD_SOURCE} next to {IMAGEREWARD_FILE} or pass `med_config=...`")
-        model = model_class(med_config=str(med), device="cpu")
+        try:  # BLIP's constructor loads BertTokenizer.from_pretrained("bert-base-uncased") itself
+            model = model_class(med_config=str(med), device="cpu")
+        except OSError as e:
+            raise FileNotFoundError(
+                "ImageReward: its BLIP text encoder needs the 'bert-base-uncased' tokenizer in the Hugging Face "
+                "cache (run `huggingface-cli download bert-base-uncased` once on a machine with network; set "
+                f"HF_HUB_OFFLINE=1 to keep later runs offline): {e}") from e
         with reading(path, "ImageReward checkpoint"):
             state = torch.load(str(path), map_location="cpu", weights_only=True)
             # strict=False as ImageReward.load() (the checkpoint may omit unused buffers), but the scoring head

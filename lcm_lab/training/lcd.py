@@ -134,8 +134,10 @@ class LCDTask:
         self.dataset = build_dataset(config.data)
         self.cache = None
         self.objective: LCDLoss | None = None
-        self.skipped = 0  # unreadable images this process met (skipped_total: all processes, as of the last step)
-        self.skipped_total = 0
+        # Unreadable images and over-long (truncated) captions this process met; the *_total of both are the
+        # sums over all processes as of the last step (logged, and checkpointed).
+        self.skipped = self.truncated = 0
+        self.skipped_total = self.truncated_total = 0
 
     # ------------------------------------------------------------------ setup
     def setup(self, accelerator, channels_last: str = "frozen") -> None:
@@ -165,7 +167,7 @@ class LCDTask:
         if self.config.data.cache_latents:
             self.cache, skipped = encode_dataset(self.dataset, self.ldm.vae, device=device,
                                                  progress=accelerator.is_local_main_process)
-            self.skipped += skipped
+            self.skipped += skipped if accelerator.is_main_process else 0  # every process encodes the dataset
 
     def batches(self, rank: int, start: int):
         cfg = self.config
@@ -209,6 +211,9 @@ class LCDTask:
         if p > 0:
             drop = torch.rand(len(texts), generator=generator) < p
             texts = ["" if d else t for t, d in zip(texts, drop.tolist())]
+        tokenizer = self.ldm.text.tokenizers[0] if self.sdxl else self.ldm.tokenizer
+        # Truncated to the text encoder's context like the reference scripts, but counted (truncated_captions).
+        self.truncated += sum(len(ids) > tokenizer.model_max_length for ids in tokenizer(texts).input_ids)
         if self.sdxl:
             return self._encode_sdxl(texts)
         return Conditioning(self.ldm.encode_prompts(texts, allow_empty=True, truncate=True))
@@ -238,21 +243,24 @@ class LCDTask:
     def after_step(self, step: int) -> dict:
         if self.ema is not None:
             self.ema.update()
-        # Unreadable images so far, summed over the processes (each counts what its own batches met).
-        self.skipped_total = int(self.accelerator.reduce(torch.tensor(self.skipped, device=self.accelerator.device),
-                                                         reduction="sum"))
-        return {"skipped_images": float(self.skipped_total)}
+        # Counts so far, summed over the processes (each counts what its own batches met).
+        local = torch.tensor([self.skipped, self.truncated], device=self.accelerator.device)
+        self.skipped_total, self.truncated_total = self.accelerator.reduce(local, reduction="sum").tolist()
+        return {"skipped_images": float(self.skipped_total), "truncated_captions": float(self.truncated_total)}
 
     def extra_state(self) -> dict:
-        state = {"counters": {"skipped_images": torch.tensor(self.skipped_total)}}
+        state = {"counters": {"skipped_images": torch.tensor(self.skipped_total),
+                              "truncated_captions": torch.tensor(self.truncated_total)}}
         if self.ema is not None:
             state["target_ema"] = self.ema.state_dict()["shadow"]
         return state
 
     def load_extra_state(self, state: dict) -> None:
-        # The checkpoint holds the all-process total: the main process carries it on, the others restart at 0.
-        total = int(state["counters"]["skipped_images"]) if "counters" in state else 0
-        self.skipped = total if self.accelerator.is_main_process else 0
+        # The checkpoint holds all-process totals: the main process carries them on, the others restart at 0.
+        counters = state.get("counters", {})
+        main = self.accelerator.is_main_process
+        self.skipped = int(counters["skipped_images"]) if main and "skipped_images" in counters else 0
+        self.truncated = int(counters["truncated_captions"]) if main and "truncated_captions" in counters else 0
         if self.ema is not None:
             if "target_ema" not in state:
                 raise KeyError("checkpoint has no target_ema state but this run uses an EMA target")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,14 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_two_cpu_ranks(out: Path, method: str, port: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), for the rendezvous of one launch."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_cpu_ranks(out: Path, method: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """Train ``method`` ("lcd" or "rg_lcd") for a few steps on two gloo ranks; returns rank 0's and rank 1's
     parameters and rank 0's ``ranks.json``.
 
@@ -21,9 +29,9 @@ def run_two_cpu_ranks(out: Path, method: str, port: int) -> tuple[dict[str, torc
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(REPO / "tests" / "helpers" / "ddp_lcd.py"), str(out), method]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # two processes on a busy 2-core machine
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((out / "ranks.json").read_text())
     return load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors"), info
