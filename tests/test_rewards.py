@@ -260,6 +260,27 @@ def test_pickscore_matches_raw_model(pickscore_dir):
     _check_gradients(reward)
 
 
+def test_pickscore_model_and_processor_in_separate_folders(pickscore_dir, tmp_path, monkeypatch):
+    """The published layout: the weights (yuvalkirstain/PickScore_v1) and the processor (laion's CLIP-H) are
+    two folders; the processor is found from ``processor_dir`` or LCM_LAB_PICKSCORE_PROCESSOR_DIR."""
+    import shutil
+
+    model_dir, proc_dir = tmp_path / "model", tmp_path / "processor"
+    model_dir.mkdir()
+    proc_dir.mkdir()
+    for f in pickscore_dir.iterdir():
+        is_model = f.name == "config.json" or f.suffix == ".safetensors"
+        shutil.copy(f, model_dir if is_model else proc_dir)
+    images = _images(seed=12)
+    expected = load_reward("pickscore", model_dir=pickscore_dir)(images, PROMPTS)
+    with pytest.raises(FileNotFoundError, match="PickScore processor"):
+        load_reward("pickscore", model_dir=model_dir)
+    torch.testing.assert_close(load_reward("pickscore", model_dir=model_dir, processor_dir=proc_dir)(images, PROMPTS),
+                               expected, rtol=0, atol=0)
+    monkeypatch.setenv("LCM_LAB_PICKSCORE_PROCESSOR_DIR", str(proc_dir))
+    torch.testing.assert_close(load_reward("pickscore", model_dir=model_dir)(images, PROMPTS), expected, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- aesthetic
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -270,6 +271,11 @@ def test_channels_last_modes_lay_out_teacher_student_and_target(tmp_path, mode, 
     task.setup(Accelerator(cpu=True), channels_last=task.config.train.channels_last)
     nets = (task.ldm.unet, task.student, task.ema.model)  # teacher, student, EMA target
     assert tuple(n.conv_in.weight.is_contiguous(memory_format=torch.channels_last) for n in nets) == expected
+    if mode == "frozen":  # exactly Module.to's strides, 1x1 kernels included (oneDNN's rounding depends on them)
+        reference = copy.deepcopy(task.student).to(memory_format=torch.channels_last)
+        strides = {n: p.stride() for n, p in reference.named_parameters() if p.dim() == 4}
+        assert any(p.shape[-1] == 1 for n, p in reference.named_parameters() if n in strides)
+        assert {n: p.stride() for n, p in task.ema.model.named_parameters() if n in strides} == strides
     with pytest.raises(ConfigError, match="channels_last must be one of frozen, all, none"):
         load_method_config("lcd", None, ["train.channels_last=yes"])
 

@@ -141,7 +141,9 @@ def apply_channels_last(mode: str, student: torch.nn.Module, *frozen: torch.nn.M
     for m in nets:
         for p in () if m is None else m.parameters():
             if p.dim() == 4 and id(p) not in keep:
-                p.data = p.data.contiguous(memory_format=torch.channels_last)
+                # .to, as Module.to does (.contiguous would keep the NCHW strides of 1x1 kernels, which are
+                # also channels-last contiguous, and oneDNN would then round differently)
+                p.data = p.data.to(memory_format=torch.channels_last)
 
 
 def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
