@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from lcm_lab.training import load_method_config
 from lcm_lab.training.checkpoint import CheckpointError
-from lcm_lab.training.config import ConfigError
+from lcm_lab.training.config import ConfigError, apply_overrides
 from lcm_lab.training.data import StepBatchSampler
 from lcm_lab.training.lcd import LCDTask
 from lcm_lab.training.trainer import train
@@ -65,8 +65,6 @@ def test_every_trainable_parameter_changes_and_export_loads(tmp_path):
 def test_lcd_training_shrinks_the_held_out_consistency_gap(tmp_path):
     """Learning, not just movement: 40 steps of the toy recipe make f(x_{t_{n+k}}) and f(x_hat_{t_n}) (the
     teacher's solver step) agree better on images the run never saw (measured: 0.102 -> 0.094)."""
-    import copy
-
     from lcm_lab.core.conditioning import Conditioning
     from lcm_lab.core.latents import LatentCodec
     from lcm_lab.training.data import ToyImages, collate
@@ -91,8 +89,6 @@ def test_lcd_training_shrinks_the_held_out_consistency_gap(tmp_path):
 
 
 def test_validation_grid_samples_with_the_objectives_lcm_grid_and_scaling(tmp_path):
-    import copy
-
     from lcm_lab.generation import generate
 
     # a tiny boundary scaling (c_skip = 0.5 at s * t = sigma_data) makes it visible in a 2-step sample
@@ -146,6 +142,8 @@ def test_corrupt_or_incomplete_checkpoint_names_the_folder(tmp_path):
     # a resume with another batch layout would replay neither the data order nor the RNG streams
     with pytest.raises(CheckpointError, match=r"checkpoint-2: it was saved with batch_size=4 \(now 2\)"):
         run_lcd(tmp_path, 4, **resume, **{"train.batch_size": 2})
+    with pytest.raises(CheckpointError, match=r"checkpoint-2: it was saved with seed=0 \(now 1\)"):
+        run_lcd(tmp_path, 4, **resume, **{"train.seed": 1})
     (ckpt / "extra" / "target_ema.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoint-2: KeyError: .*target_ema"):
         run_lcd(tmp_path, 4, **resume)
@@ -154,8 +152,12 @@ def test_corrupt_or_incomplete_checkpoint_names_the_folder(tmp_path):
 def test_a_fresh_run_does_not_overwrite_an_earlier_runs_checkpoints(tmp_path):
     run_lcd(tmp_path, 4, **{"train.checkpointing_steps": 1})
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml",
+                             tiny_overrides(tmp_path, 2, **{"train.resume_from_checkpoint": "null"}))
+    task = LCDTask(cfg)
     with pytest.raises(ValueError, match=r"earlier run \(latest: checkpoint-4\).*resume_from_checkpoint=latest"):
-        run_lcd(tmp_path, 2, **{"train.resume_from_checkpoint": "null"})
+        train(cfg.train, task)
+    assert task.objective is None  # refused before set-up (which may load a teacher and encode a dataset)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
@@ -238,6 +240,8 @@ def test_unknown_and_bad_config_keys_are_errors(tmp_path):
     path.write_text("train:\n  learning_rate: 1e-4\nobjective:\n")
     cfg = load_method_config("lcd", path, ["objective.w_max=7"])
     assert cfg.train.learning_rate == 1e-4 and cfg.objective.w_max == 7.0
+    # the same in overrides of untyped values (reward_kwargs); quoted, it stays text
+    assert apply_overrides({}, ["a.b=1e-2", "a.c='1e-2'"]) == {"a": {"b": 0.01, "c": "1e-2"}}
 
 
 @pytest.mark.parametrize("family, resolution", [("sd15", 512), ("sd21", 768), ("sdxl", 1024)])

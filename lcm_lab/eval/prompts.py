@@ -150,9 +150,10 @@ def hps_prompts(folder: str | os.PathLike, per_style: int | None = None, styles=
 
     Each file is a JSON list of prompt strings (the ``hpsv2`` package's ``benchmark/`` layout,
     800 prompts per style). Metadata ``{"style": name, "index": i}``; ``per_style`` keeps the
-    first ``per_style`` prompts of each style. The styles are interleaved (prompt 0 of each style,
-    then prompt 1, ...), so the first ``n`` prompts of the set cover every style evenly: an
-    evaluation cut to fewer samples than the set still averages all styles. HPSv2 is reported as the
+    first ``per_style`` prompts of each style. The styles are interleaved round-robin (prompt 0 of
+    each style, then prompt 1, ...), so the first ``n`` prompts of the set cover every style (evenly
+    when ``n`` is a multiple of the style count): an evaluation cut to fewer samples than the set
+    still averages all styles. HPSv2 is reported as the
     mean score x 100 per style (see :mod:`lcm_lab.eval.clip_metrics`).
 
     Raises:
@@ -173,7 +174,7 @@ def hps_prompts(folder: str | os.PathLike, per_style: int | None = None, styles=
             raise ValueError(f"HPSv2 benchmark file {file} must be a non-empty JSON list of non-empty prompt strings")
         chosen = data[:per_style] if per_style else data
         by_style.append([(p.strip(), {"style": style, "index": i}) for i, p in enumerate(chosen)])
-    items = [group[i] for i in range(max(map(len, by_style))) for group in by_style if i < len(group)]
+    items = [group[i] for i in range(max(map(len, by_style), default=0)) for group in by_style if i < len(group)]
     too_long = _check_lengths([p for p, _ in items], [f"{m['style']}[{m['index']}]" for _, m in items],
                               tokenizer, max_tokens)
     return PromptSet(items, name=f"hps:{root}", too_long=too_long, max_tokens=max_tokens,

@@ -18,7 +18,8 @@ import torch
 from accelerate.utils import load
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "checkpoint_dirs", "find_checkpoint", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CheckpointError", "checkpoint_dirs", "find_checkpoint", "check_resumable", "save_checkpoint",
+           "load_checkpoint"]
 
 PREFIX = "checkpoint-"
 
@@ -96,23 +97,34 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, extra: dict
     return final
 
 
-def load_checkpoint(accelerator, path: Path, restore_extra: Callable[[dict], None], layout: dict | None = None) -> int:
-    """Restore accelerate's state from ``path`` and hand the extra tensors to ``restore_extra``; return the
-    step. ``layout`` must equal the one saved (a run resumed with another process count or batch size would
-    replay neither its data order nor its RNG streams). Any failure, the task's included (a missing or
-    mis-shaped extra), raises :class:`CheckpointError` naming the checkpoint."""
+def check_resumable(path: Path, layout: dict | None = None) -> int:
+    """The step of checkpoint ``path``, after checking that it was saved with ``layout`` (process count, batch
+    size, accumulation steps, seed): a run resumed with other values would replay neither its data order nor
+    its RNG streams. Cheap (reads ``lcm_lab_state.json`` only), so :func:`train` calls it before any set-up.
+
+    Raises:
+        CheckpointError: the state file is unreadable, or the layout differs.
+    """
     try:
         state = json.loads((path / "lcm_lab_state.json").read_text())
         step = int(state["step"])
     except Exception as e:
         raise CheckpointError(f"cannot resume from {path}: unreadable lcm_lab_state.json ({type(e).__name__}: {e}). "
                               "If the folder is damaged, delete it to resume from the previous checkpoint.") from e
-    saved = state.get("layout") or {}
+    saved = state.get("layout") or {}  # absent in checkpoints written before layouts were recorded
     changed = {k: (saved[k], v) for k, v in (layout or {}).items() if k in saved and saved[k] != v}
     if changed:
         raise CheckpointError(f"cannot resume from {path}: it was saved with "
                               + ", ".join(f"{k}={old} (now {new})" for k, (old, new) in changed.items())
                               + ". Resume with the same settings, or start a new train.output_dir.")
+    return step
+
+
+def load_checkpoint(accelerator, path: Path, restore_extra: Callable[[dict], None], layout: dict | None = None) -> int:
+    """Restore accelerate's state from ``path`` and hand the extra tensors to ``restore_extra``; return the
+    step. ``layout`` is checked as by :func:`check_resumable`. Any failure, the task's included (a missing or
+    mis-shaped extra), raises :class:`CheckpointError` naming the checkpoint."""
+    step = check_resumable(path, layout)
     try:
         # accelerate only logs an unreadable RNG-state file and resumes with the current RNG: read it here first.
         load(path / f"random_states_{accelerator.process_index}.pkl")

@@ -22,7 +22,6 @@ import yaml
 __all__ = ["ConfigError", "load_config", "config_from_dict", "config_to_dict", "apply_overrides", "help_text"]
 
 C = TypeVar("C")
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -30,8 +29,8 @@ class ConfigError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with YAML 1.2 booleans: only true/false. PyYAML's 1.1 rules also read yes/no/on/off as
-    booleans, which turned ``mixed_precision: no`` (accelerate's spelling) into ``False``."""
+    """YAML with YAML 1.2 booleans (only true/false) and floats (``1e-4`` too). PyYAML's 1.1 rules also read
+    yes/no/on/off as booleans, which turned ``mixed_precision: no`` (accelerate's spelling) into ``False``."""
 
 
 _BOOL = "tag:yaml.org,2002:bool"
@@ -39,6 +38,9 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# YAML 1.2 floats without a dot (1e-4): YAML 1.1 reads them as strings, in files and overrides alike.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
 
 
 def _yaml(text: str) -> Any:
@@ -87,8 +89,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        return float(value)  # PyYAML (YAML 1.1) reads "1e-4" without a dot as a string
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):
@@ -136,7 +136,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is not a section")
-        node[parts[-1]] = _yaml(raw) if raw.strip() else ""  # "1e-4" stays a string here; float fields take it
+        node[parts[-1]] = _yaml(raw) if raw.strip() else ""
     return data
 
 

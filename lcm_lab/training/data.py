@@ -109,7 +109,7 @@ class ImageCaptionFolder(Dataset):
     """Images listed in ``<root>/metadata.jsonl`` (one JSON object per line, as written by
     ``ToyWorld.write_folder`` or the Hugging Face ``imagefolder`` layout)."""
 
-    def __init__(self, root: str | os.PathLike, resolution: int = 32, image_column: str = "file_name",
+    def __init__(self, root: str | os.PathLike, resolution: int = 32, *, image_column: str = "file_name",
                  caption_column: str = "text"):
         self.root, self.resolution = Path(root), resolution
         self.image_column, self.caption_column = image_column, caption_column
@@ -166,7 +166,7 @@ class TarShards(Dataset):
     DataLoader workers never share a forked file offset.
     """
 
-    def __init__(self, path: str, resolution: int = 32, caption_key: str = "text"):
+    def __init__(self, path: str, resolution: int = 32, *, caption_key: str = "text"):
         self.path, self.resolution = path, resolution
         self.caption_keys = tuple(dict.fromkeys((caption_key, "text", "caption")))
         self.shards = _resolve_shards(path)
@@ -268,8 +268,9 @@ def build_dataset(config: DataConfig) -> Dataset:
     if config.type == "toy":
         return ToyImages(config.num_images, config.toy_seed, config.resolution)
     if config.type == "folder":
-        return ImageCaptionFolder(config.path, config.resolution, config.image_column, config.caption_column)
-    return TarShards(config.path, config.resolution, config.caption_column)
+        return ImageCaptionFolder(config.path, config.resolution, image_column=config.image_column,
+                                  caption_column=config.caption_column)
+    return TarShards(config.path, config.resolution, caption_key=config.caption_column)
 
 
 def collate(items: Sequence[dict | None]) -> dict:

@@ -206,14 +206,14 @@ class LCDTask:
         latents = codec.encode(pixels, generator=generator, sample=True, no_grad=True)
         return latents.float(), list(batch["text"]), int(batch["skipped"])
 
-    def _encode_text(self, texts: list[str], generator: torch.Generator) -> Conditioning:
+    def _encode_text(self, texts: list[str], generator: torch.Generator, count: bool = False) -> Conditioning:
         p = self.config.proportion_empty_prompts
         if p > 0:
             drop = torch.rand(len(texts), generator=generator) < p
             texts = ["" if d else t for t, d in zip(texts, drop.tolist())]
-        tokenizer = self.ldm.text.tokenizers[0] if self.sdxl else self.ldm.tokenizer
-        # Truncated to the text encoder's context like the reference scripts, but counted (truncated_captions).
-        self.truncated += sum(len(ids) > tokenizer.model_max_length for ids in tokenizer(texts).input_ids)
+        if count:  # truncated to the text encoder's context like the reference scripts, but counted
+            tokenizer = self.ldm.text.tokenizers[0] if self.sdxl else self.ldm.tokenizer
+            self.truncated += sum(len(ids) > tokenizer.model_max_length for ids in tokenizer(texts).input_ids)
         if self.sdxl:
             return self._encode_sdxl(texts)
         return Conditioning(self.ldm.encode_prompts(texts, allow_empty=True, truncate=True))
@@ -230,7 +230,7 @@ class LCDTask:
         """Latents, captions and their conditioning of a batch; unreadable images are counted and dropped."""
         latents, texts, skipped = self._latents_and_text(batch, generator)
         self.skipped += skipped
-        return latents, texts, self._encode_text(texts, generator)
+        return latents, texts, self._encode_text(texts, generator, count=True)
 
     def loss(self, student, batch, generator):
         latents, _, cond = self._prepare(batch, generator)
@@ -257,10 +257,13 @@ class LCDTask:
 
     def load_extra_state(self, state: dict) -> None:
         # The checkpoint holds all-process totals: the main process carries them on, the others restart at 0.
+        # (A checkpoint written before these counters existed leaves this run's own counts as they are.)
         counters = state.get("counters", {})
         main = self.accelerator.is_main_process
-        self.skipped = int(counters["skipped_images"]) if main and "skipped_images" in counters else 0
-        self.truncated = int(counters["truncated_captions"]) if main and "truncated_captions" in counters else 0
+        if "skipped_images" in counters:
+            self.skipped = int(counters["skipped_images"]) if main else 0
+        if "truncated_captions" in counters:
+            self.truncated = int(counters["truncated_captions"]) if main else 0
         if self.ema is not None:
             if "target_ema" not in state:
                 raise KeyError("checkpoint has no target_ema state but this run uses an EMA target")

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import check_resumable, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["LoopConfig", "Task", "train", "step_generator", "apply_channels_last"]
 
@@ -112,10 +112,12 @@ class Task(Protocol):
         """Scalar loss (and float logs) for one micro-batch; ``student`` may be DDP-wrapped."""
 
     def after_step(self, step: int) -> dict:
-        """After each optimizer step (EMA target update, proxy-model updates); returns logs."""
+        """After each optimizer step (EMA target update, proxy-model updates); returns logs. Runs on every
+        process, and may use collectives (an override must call its base on every process too)."""
 
     def extra_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Tensors to checkpoint besides the student/optimizer (e.g. the EMA target)."""
+        """Tensors to checkpoint besides the student/optimizer (e.g. the EMA target); called on the main
+        process only."""
 
     def load_extra_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None: ...
 
@@ -198,8 +200,10 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
 
     Writes ``checkpoints/checkpoint-<step>`` every ``checkpointing_steps`` (and at the end),
     ``validation/step-<step>.png`` grids, tracker logs under ``logs/``, and the task's export under
-    ``final/``. A non-finite loss stops the run with an error naming the step; the last checkpoint
-    stays intact.
+    ``final/``. A non-finite loss, or a non-finite gradient norm (outside fp16, whose loss scaler skips such
+    steps by design), stops the run with an error naming the step; the last checkpoint stays intact. A
+    fresh run into a folder holding checkpoints, and a resume with another process count, batch size,
+    accumulation or seed, are refused before any set-up.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -229,8 +233,26 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
             "train alone and overwrite the others' checkpoints. Without GPUs set ACCELERATE_USE_CPU=1 and use "
             "`accelerate launch --multi_gpu --num_processes N ...` (see configs/accelerate/multi_gpu.yaml).")
     rank = accelerator.process_index
-    torch.manual_seed(cfg.seed)  # only model construction uses the global RNG; steps use step_generator
 
+    # Resume checks first: they read a small JSON file, while set-up may load a teacher and encode a dataset.
+    ckpt_root = out / "checkpoints"
+    layout = {"num_processes": accelerator.num_processes, "batch_size": cfg.batch_size,
+              "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "seed": cfg.seed}
+    path = None
+    if cfg.resume_from_checkpoint:
+        try:
+            path = find_checkpoint(ckpt_root, cfg.resume_from_checkpoint)
+        except FileNotFoundError:
+            if cfg.resume_from_checkpoint != "latest":
+                raise
+        if path is not None:
+            check_resumable(path, layout)
+    elif checkpoint_dirs(ckpt_root):
+        # A fresh run here would prune the earlier run's checkpoints as soon as it saves its first one.
+        raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run (latest: {checkpoint_dirs(ckpt_root)[-1].name}); "
+                         "set train.resume_from_checkpoint=latest to continue it, or choose a new train.output_dir")
+
+    torch.manual_seed(cfg.seed)  # only model construction uses the global RNG; steps use step_generator
     task.setup(accelerator, cfg.channels_last)
     student = task.student
     _configure_attention(student, cfg.attention)
@@ -248,24 +270,10 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
                                  num_training_steps=cfg.max_steps * accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
 
-    ckpt_root = out / "checkpoints"
-    layout = {"num_processes": accelerator.num_processes, "batch_size": cfg.batch_size,
-              "gradient_accumulation_steps": cfg.gradient_accumulation_steps}  # what a resume must match
     start = 0
-    if cfg.resume_from_checkpoint:
-        try:
-            path = find_checkpoint(ckpt_root, cfg.resume_from_checkpoint)
-        except FileNotFoundError:
-            if cfg.resume_from_checkpoint != "latest":
-                raise
-            path = None
-        if path is not None:
-            start = load_checkpoint(accelerator, path, task.load_extra_state, layout)
-            accelerator.print(f"resumed from {path} at step {start}")
-    elif checkpoint_dirs(ckpt_root):
-        # A fresh run here would prune the earlier run's checkpoints as soon as it saves its first one.
-        raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run (latest: {checkpoint_dirs(ckpt_root)[-1].name}); "
-                         "set train.resume_from_checkpoint=latest to continue it, or choose a new train.output_dir")
+    if path is not None:
+        start = load_checkpoint(accelerator, path, task.load_extra_state, layout)
+        accelerator.print(f"resumed from {path} at step {start}")
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
