@@ -9,6 +9,7 @@ both sides match exactly.
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,6 +207,45 @@ def test_exported_pipeline_matches_generate(exported, steps):
     # the w-embedding is live: another guidance scale gives other images
     other = generate(load_ldm(out), PROMPTS, SEEDS, sampler="lcm", steps=steps, guidance_scale=9.0, progress=False)
     assert max_diff(other, ours) > 1e-3
+
+
+def test_v_prediction_teacher_distils_and_exports(tmp_path):
+    """SD 2.x-style teacher: the toy teacher's weights under a v-prediction scheduler config. LCD reads the
+    parameterization from the teacher, and the exported stock pipeline samples like lcm_lab's sampler."""
+    from lcm_lab.training import load_method_config
+    from lcm_lab.training.lcd import LCDTask
+    from lcm_lab.training.trainer import train
+
+    from helpers.tiny_run import tiny_overrides
+
+    v_dir = tmp_path / "v_teacher"
+    shutil.copytree(toy_teacher_dir(), v_dir)
+    config_file = v_dir / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "v_prediction"}))
+    cfg = load_method_config("lcd", Path(__file__).resolve().parents[1] / "configs/toy/lcd.yaml",
+                             tiny_overrides(tmp_path / "run", 2, **{"model.teacher": str(v_dir)}))
+    task = LCDTask(cfg)
+    train(cfg.train, task)
+    assert task.objective.schedule.prediction_type == "v_prediction"
+
+    out = tmp_path / "run" / "final" / "pipeline"
+    pipe = LatentConsistencyModelPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    gens = generators_for_seeds(SEEDS)
+    latents = randn((len(SEEDS), 4, 8, 8), gens)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, num_inference_steps=2, guidance_scale=5.0, output_type="pt", generator=gens,
+                   latents=latents).images
+    ours = generate(load_ldm(out), PROMPTS, SEEDS, sampler="lcm", steps=2, guidance_scale=5.0, progress=False)
+    assert max_diff(ours, ref) <= TOL
+    # the parameterization matters: read as epsilon, the same network gives other images
+    eps_dir = tmp_path / "as_eps"
+    shutil.copytree(out, eps_dir)
+    sched_file = eps_dir / "scheduler" / "scheduler_config.json"
+    sched_file.write_text(json.dumps({**json.loads(sched_file.read_text()), "prediction_type": "epsilon"}))
+    as_eps = generate(load_ldm(eps_dir), PROMPTS, SEEDS, sampler="lcm", steps=2, guidance_scale=5.0, progress=False)
+    assert max_diff(as_eps, ours) > 1e-2
 
 
 def test_export_rejects_wrong_unets(teacher, tmp_path):
