@@ -115,7 +115,7 @@ def build_expert(config: RGLCDConfig, device: str | torch.device = "cpu", dtype:
     from ..rewards import parse_reward_spec, parse_reward_terms
 
     kwargs = {k.lower(): dict(v) for k, v in config.reward_kwargs.items()}
-    names = {name.lower() for _, name in parse_reward_terms(config.reward)}
+    names = {name for _, name in parse_reward_terms(config.reward)}  # lower-cased by the parser
     if "imagereward" in names:
         kwargs.setdefault("imagereward", {}).setdefault("clip_max", config.imagereward_clip)
     for name in names & {"clip", "toy-clip"}:

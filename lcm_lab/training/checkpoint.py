@@ -120,11 +120,10 @@ def check_resumable(path: Path, layout: dict | None = None) -> int:
     return step
 
 
-def load_checkpoint(accelerator, path: Path, restore_extra: Callable[[dict], None], layout: dict | None = None) -> int:
-    """Restore accelerate's state from ``path`` and hand the extra tensors to ``restore_extra``; return the
-    step. ``layout`` is checked as by :func:`check_resumable`. Any failure, the task's included (a missing or
+def load_checkpoint(accelerator, path: Path, restore_extra: Callable[[dict], None]) -> None:
+    """Restore accelerate's state from ``path`` (already accepted by :func:`check_resumable`, which gives its
+    step) and hand the extra tensors to ``restore_extra``. Any failure, the task's included (a missing or
     mis-shaped extra), raises :class:`CheckpointError` naming the checkpoint."""
-    step = check_resumable(path, layout)
     try:
         # accelerate only logs an unreadable RNG-state file and resumes with the current RNG: read it here first.
         load(path / f"random_states_{accelerator.process_index}.pkl")
@@ -133,4 +132,3 @@ def load_checkpoint(accelerator, path: Path, restore_extra: Callable[[dict], Non
     except Exception as e:  # a truncated or foreign file: say which checkpoint is broken
         raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {e}. If the folder is damaged, delete "
                               "it to resume from the previous checkpoint, or start a new train.output_dir.") from e
-    return step

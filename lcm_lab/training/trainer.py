@@ -238,7 +238,7 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
     ckpt_root = out / "checkpoints"
     layout = {"num_processes": accelerator.num_processes, "batch_size": cfg.batch_size,
               "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "seed": cfg.seed}
-    path = None
+    path, start = None, 0
     if cfg.resume_from_checkpoint:
         try:
             path = find_checkpoint(ckpt_root, cfg.resume_from_checkpoint)
@@ -246,10 +246,10 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
             if cfg.resume_from_checkpoint != "latest":
                 raise
         if path is not None:
-            check_resumable(path, layout)
-    elif checkpoint_dirs(ckpt_root):
+            start = check_resumable(path, layout)
+    elif earlier := checkpoint_dirs(ckpt_root):
         # A fresh run here would prune the earlier run's checkpoints as soon as it saves its first one.
-        raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run (latest: {checkpoint_dirs(ckpt_root)[-1].name}); "
+        raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run (latest: {earlier[-1].name}); "
                          "set train.resume_from_checkpoint=latest to continue it, or choose a new train.output_dir")
 
     torch.manual_seed(cfg.seed)  # only model construction uses the global RNG; steps use step_generator
@@ -270,9 +270,8 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
                                  num_training_steps=cfg.max_steps * accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
 
-    start = 0
     if path is not None:
-        start = load_checkpoint(accelerator, path, task.load_extra_state, layout)
+        load_checkpoint(accelerator, path, task.load_extra_state)
         accelerator.print(f"resumed from {path} at step {start}")
 
     if accelerator.is_main_process:
