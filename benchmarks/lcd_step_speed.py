@@ -321,8 +321,9 @@ class ReferenceStep:
     def _scalings(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.s.objective
         scaled = cfg.timestep_scaling * t
-        c_skip = cfg.sigma_data**2 / (scaled**2 + cfg.sigma_data**2)
-        c_out = scaled / (scaled**2 + cfg.sigma_data**2) ** 0.5
+        sigma_data = 0.5  # the script's scalings_for_boundary_conditions default
+        c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+        c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
         return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
 
     def _x0(self, eps: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

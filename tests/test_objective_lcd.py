@@ -217,7 +217,7 @@ def gen(seed=SEED):
 def test_config_defaults_and_validation():
     cfg = LCDConfig()
     assert (cfg.num_ddim_timesteps, cfg.w_min, cfg.w_max, cfg.loss_type, cfg.huber_c) == (50, 5.0, 15.0, "huber", 0.001)
-    assert (cfg.timestep_scaling, cfg.sigma_data, cfg.target_ema_decay) == (10.0, 0.5, 0.95)
+    assert (cfg.timestep_scaling, cfg.target_ema_decay) == (10.0, 0.95)
     LCDConfig(loss_type="l2", w_min=3.0, w_max=3.0)
     with pytest.raises(ValueError, match="loss_type"):
         LCDConfig(loss_type="l1")
@@ -229,8 +229,8 @@ def test_config_defaults_and_validation():
         LCDConfig(huber_c=0.0)
     with pytest.raises(ValueError):
         LCDConfig(target_ema_decay=1.0)
-    # sigma_data is fixed by diffusers' LCMScheduler (no config entry), so only 0.5 can be exported
-    with pytest.raises(ValueError, match="sigma_data.*LCMScheduler fixes it at 0.5"):
+    # sigma_data is fixed by diffusers' LCMScheduler (it has no config entry there), so it has none here
+    with pytest.raises(TypeError, match="sigma_data"):
         LCDConfig(sigma_data=1.0)
     for bad in (0.0, -10.0, float("nan")):
         with pytest.raises(ValueError, match="timestep_scaling"):
@@ -334,18 +334,17 @@ def test_boundary_scalings_values_and_config(sd_nets, sd_data):
     assert c_out.flatten().tolist() == pytest.approx([0.0, 190 / math.sqrt(190**2 + 0.25),
                                                       9990 / math.sqrt(9990**2 + 0.25)], rel=1e-6)
     # so check that f honours the config's timestep_scaling where it is visible (sigma_data is fixed at
-    # 0.5, the value diffusers' LCMScheduler hardcodes: see test_config_defaults_and_validation)
+    # 0.5, the value diffusers' LCMScheduler hardcodes)
     z, ehs, uncond = sd_data
     student, _ = sd_nets["plain"]
     t = torch.tensor([1, 19, 100, 999])
-    for scaling, sigma_data in [(0.01, 0.5), (0.05, 0.5)]:
+    for scaling in (0.01, 0.05):
         loss_obj, abar = make_loss("v_prediction", sd_nets["teacher"], Conditioning(uncond), None,
-                                   timestep_scaling=scaling, sigma_data=sigma_data)
+                                   timestep_scaling=scaling)
         with torch.no_grad():
             ours = loss_obj.f(student, z, t, Conditioning(ehs), None)
-        ref = ref_f(student, z, t, ehs, None, None, abar, "v_prediction", timestep_scaling=scaling,
-                    sigma_data=sigma_data)
-        assert_close(ours, ref, f"f with timestep_scaling={scaling}, sigma_data={sigma_data}")
+        ref = ref_f(student, z, t, ehs, None, None, abar, "v_prediction", timestep_scaling=scaling)
+        assert_close(ours, ref, f"f with timestep_scaling={scaling}")
         default = ref_f(student, z, t, ehs, None, None, abar, "v_prediction")
         assert (ours - default).abs().max() > 1e-2
 

@@ -157,7 +157,7 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_runs_checkpoints(tmp_path):
     task = LCDTask(cfg)
     with pytest.raises(ValueError, match=r"earlier run \(latest: checkpoint-4\).*resume_from_checkpoint=latest"):
         train(cfg.train, task)
-    assert task.objective is None  # refused before set-up (which may load a teacher and encode a dataset)
+    assert task.objective is None  # refused before the task's set-up (device placement, latent caching)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 

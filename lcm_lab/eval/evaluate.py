@@ -320,7 +320,7 @@ class _Accumulator:
             # the settings FID/KID figures depend on, so that a row says how it was measured
             out["fid_reference_num"] = res["num_real"]
             out["fid_antialias"] = s.inception.antialias  # false: TF-compatible bilinear resize to 299 px
-            dtype = next((p.dtype for p in s.inception.inception.parameters()), None)
+            dtype = s.inception.inception_dtype
             out["inception_dtype"] = None if dtype is None else str(dtype).removeprefix("torch.")
         if s.hps is not None:
             out.update(self.hps.summary("hpsv2"))

@@ -237,6 +237,11 @@ class InceptionMetrics:
             self._kid.update(feats, real=real)
 
     @property
+    def inception_dtype(self) -> torch.dtype | None:
+        """Precision of the Inception forward: that of its weights (None for a module without any)."""
+        return next((p.dtype for p in self.inception.parameters()), None)
+
+    @property
     def num_real(self) -> int:
         """Real images accumulated so far."""
         return int(self._fid.real_features_num_samples)

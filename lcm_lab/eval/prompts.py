@@ -153,8 +153,8 @@ def hps_prompts(folder: str | os.PathLike, per_style: int | None = None, styles=
     first ``per_style`` prompts of each style. The styles are interleaved round-robin (prompt 0 of
     each style, then prompt 1, ...), so the first ``n`` prompts of the set cover every style (evenly
     when ``n`` is a multiple of the style count): an evaluation cut to fewer samples than the set
-    still averages all styles. HPSv2 is reported as the
-    mean score x 100 per style (see :mod:`lcm_lab.eval.clip_metrics`).
+    still averages all styles. HPSv2 is reported as the mean score x 100 per style (see
+    :mod:`lcm_lab.eval.clip_metrics`).
 
     Raises:
         FileNotFoundError: the folder or a style file is missing. ValueError: a file is not a

@@ -1,6 +1,6 @@
 """LCM students: the w-conditioned UNet of latent consistency distillation, and LCM-LoRA adapters.
 
-Two ways to turn a teacher UNet into something LCD can train (LCM paper, Luo et al. 2023; diffusers examples/consistency_distillation):
+Two ways to turn a teacher UNet into something LCD can train:
 
 - :func:`make_w_student`: the full-model student of LCM (Luo et al. 2023, "Latent Consistency Models",
   sec. 4.2): the teacher's architecture plus a guidance-scale embedding. The guidance scale ``w`` enters
@@ -60,7 +60,7 @@ def make_w_student(teacher_unet, w_embedding_dim: int = 256):
     teacher exactly.
 
     At inference ``LatentConsistencyModelPipeline`` embeds ``w = guidance_scale - 1``: a student trained on
-    ``w ~ U[w_min, w_max]`` is sampled with ``guidance_scale`` in ``[w_min + 1, w_max + 1]`` (diffusers' LCM pipeline embeds ``guidance_scale - 1``).
+    ``w ~ U[w_min, w_max]`` is sampled with ``guidance_scale`` in ``[w_min + 1, w_max + 1]``.
 
     Args:
         teacher_unet (`UNet2DConditionModel`): the teacher; it is not modified. A teacher that is already

@@ -41,6 +41,8 @@ from ..core.schedules import NoiseSchedule, ddim_solver_timesteps, previous_solv
 
 __all__ = ["LCDConfig", "LCDLoss", "consistency_loss"]
 
+LOSS_TYPES = ("l2", "huber")
+
 # added_cond_kwargs that describe the sample, not the prompt (SDXL size/crop micro-conditioning): the
 # unconditional branch may share them with the conditional one.
 _PER_SAMPLE_ADDED_KEYS = ("time_ids",)
@@ -57,38 +59,34 @@ class LCDConfig:
     loss_type: str = field(default="huber", metadata={"help": "'l2' or 'huber' (pseudo-Huber)."})
     huber_c: float = field(default=0.001, metadata={"help": "Pseudo-Huber constant c."})
     timestep_scaling: float = field(default=10.0, metadata={"help": "Boundary scalings use s = scaling * t."})
-    sigma_data: float = field(default=0.5, metadata={
-        "help": "sigma_data of the boundary scalings; must be 0.5, the value diffusers' LCMScheduler hardcodes."})
     target_ema_decay: float = field(default=0.95, metadata={"help": "EMA decay of the target network theta^-."})
 
     def __post_init__(self) -> None:
         if self.num_ddim_timesteps < 1:
             raise ValueError(f"num_ddim_timesteps must be >= 1, got {self.num_ddim_timesteps}")
-        if self.loss_type not in ("l2", "huber"):
-            raise ValueError(f"loss_type must be 'l2' or 'huber', got {self.loss_type!r}")
+        _check_loss_type(self.loss_type)
         if not 0 <= self.w_min <= self.w_max:
             raise ValueError(f"need 0 <= w_min <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
         if self.huber_c <= 0:
             raise ValueError(f"huber_c must be > 0, got {self.huber_c}")
         if not self.timestep_scaling > 0:
             raise ValueError(f"timestep_scaling must be > 0, got {self.timestep_scaling}")
-        # The exported LCMScheduler (and every diffusers LCM pipeline) uses sigma_data = 0.5 in
-        # get_scalings_for_boundary_condition_discrete with no config entry for it: a student trained
-        # with another value would be sampled with boundary scalings it was not trained for.
-        if self.sigma_data != 0.5:
-            raise ValueError(f"sigma_data must be 0.5 (diffusers' LCMScheduler fixes it at 0.5), got {self.sigma_data}")
         if not 0 <= self.target_ema_decay < 1:
             raise ValueError(f"target_ema_decay must be in [0, 1), got {self.target_ema_decay}")
+
+
+def _check_loss_type(loss_type: str) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "huber",
                      huber_c: float = 0.001) -> torch.Tensor:
     """Mean l2 (``(a-b)^2``) or pseudo-Huber (``sqrt((a-b)^2 + c^2) - c``, iCT sec. 3.3) distance."""
     pred, target = pred.float(), target.float()
+    _check_loss_type(loss_type)
     if loss_type == "l2":
         return F.mse_loss(pred, target)
-    if loss_type != "huber":
-        raise ValueError(f"loss_type must be 'l2' or 'huber', got {loss_type!r}")
     return (torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c).mean()
 
 
@@ -126,7 +124,10 @@ class LCDLoss:
     def f(self, net, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
           w_emb: torch.Tensor | None) -> torch.Tensor:
         """The consistency function ``c_skip(t) x_t + c_out(t) x0_hat(net(x_t, t))`` in float32."""
-        c_skip, c_out = lcm_boundary_scalings(t.view(-1, 1, 1, 1), self.config.timestep_scaling, self.config.sigma_data)
+        # sigma_data stays at the core's 0.5 and is no config entry: the exported LCMScheduler (like every
+        # diffusers LCM pipeline) fixes it at 0.5, so a student trained with another value would be sampled
+        # with boundary scalings it was not trained for.
+        c_skip, c_out = lcm_boundary_scalings(t.view(-1, 1, 1, 1), self.config.timestep_scaling)
         alpha, sigma = self.schedule.alpha_sigma(t)
         out = _unet(net, x_t, t, cond, None if w_emb is None else w_emb.to(x_t.dtype)).float()
         x0 = to_x0(out, x_t.float(), alpha, sigma, self.schedule.prediction_type)

@@ -8,8 +8,8 @@
       image = pipe(prompt, num_inference_steps=4, guidance_scale=8.0).images[0]
 
   The pipeline embeds ``w = guidance_scale - 1`` (Imagen-style scale -> LCM-paper scale), so a student
-  trained with ``w ~ U[w_min, w_max]`` is meant for ``guidance_scale`` in ``[w_min + 1, w_max + 1]``
-  (diffusers' ``LatentConsistencyModelPipeline``). lcm_lab's ``load_ldm(DIR)`` + ``generate(..., sampler="lcm")`` use the same convention.
+  trained with ``w ~ U[w_min, w_max]`` is meant for ``guidance_scale`` in ``[w_min + 1, w_max + 1]``.
+  lcm_lab's ``load_ldm(DIR)`` + ``generate(..., sampler="lcm")`` use the same convention.
 - :func:`export_lora`: an LCM-LoRA adapter (:func:`~lcm_lab.models.student.add_lora`) as
   ``pytorch_lora_weights.safetensors`` for the teacher's pipeline::
 

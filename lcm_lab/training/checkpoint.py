@@ -61,7 +61,7 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, extra: dict
     step (left by a run that this one, resumed from an earlier checkpoint, replaces).
 
     All ranks must call this (accelerate saves per-rank RNG states); ``extra`` is only read on the main
-    process. ``layout`` (process count, batch size, ...) is stored for :func:`load_checkpoint` to check. The
+    process. ``layout`` (process count, batch size, ...) is stored for :func:`check_resumable` to check. The
     folder appears under its final name only once every file is written, so a crash never leaves a
     checkpoint that ``resume latest`` would pick up half-written.
     """

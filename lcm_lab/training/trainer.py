@@ -203,7 +203,7 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
     ``final/``. A non-finite loss, or a non-finite gradient norm (outside fp16, whose loss scaler skips such
     steps by design), stops the run with an error naming the step; the last checkpoint stays intact. A
     fresh run into a folder holding checkpoints, and a resume with another process count, batch size,
-    accumulation or seed, are refused before any set-up.
+    accumulation or seed, are refused before the task's set-up.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -234,7 +234,7 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
             "`accelerate launch --multi_gpu --num_processes N ...` (see configs/accelerate/multi_gpu.yaml).")
     rank = accelerator.process_index
 
-    # Resume checks first: they read a small JSON file, while set-up may load a teacher and encode a dataset.
+    # Resume checks first: they read a small JSON file, while the task's set-up may encode a whole dataset.
     ckpt_root = out / "checkpoints"
     layout = {"num_processes": accelerator.num_processes, "batch_size": cfg.batch_size,
               "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "seed": cfg.seed}
