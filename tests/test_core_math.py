@@ -70,6 +70,9 @@ def test_lcm_boundary_scalings():
     x, x0 = torch.randn(2, 3), torch.randn(2, 3)
     cs, co = lcm_boundary_scalings(0)
     assert torch.equal(consistency_output(x, x0, cs, co), x)
+    for bad in ({"timestep_scaling": 0.0}, {"timestep_scaling": -10.0}, {"sigma_data": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):  # would flip or zero c_out, or give 0/0
+            lcm_boundary_scalings(t, **bad)
 
 
 def test_lcm_boundary_scalings_float16_t_computed_in_float32():
@@ -96,6 +99,10 @@ def test_edm_cm_scalings():
     assert torch.allclose(c_out, sd * (sigma - sigma_min) / torch.sqrt(sigma**2 + sd**2))
     # unit variance input: x = y + sigma * n with std(y) = sd
     assert torch.allclose(c_in**2 * (sd**2 + sigma**2), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="sigma_data"):
+        edm_cm_scalings(sigma, sigma_min, 0.0)
+    with pytest.raises(ValueError, match="sigma_min"):
+        edm_cm_scalings(sigma, -1.0, sd)
 
 
 @pytest.mark.parametrize("dim", [256, 32, 31])
@@ -221,6 +228,9 @@ def test_unet_model_conditioning_passthrough():
     assert call["batch"] == 2 * B and call["timestep_cond"].shape == (2 * B, 16)
     assert torch.equal(call["added"]["text_embeds"][:B], u_added["text_embeds"])
     assert torch.equal(call["added"]["text_embeds"][B:], added["text_embeds"])
+    with pytest.raises(ValueError, match="uncond_added_cond_kwargs"):  # would condition the uncond pass
+        UNetModel(unet, cond, uncond=uncond, guidance_scale=3.0, added_cond_kwargs=added)
+    UNetModel(unet, cond, uncond=uncond, guidance_scale=1.0, added_cond_kwargs=added)(x, t)  # no CFG: fine
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         UNetModel(unet, torch.randn(3, 5, 8))(x, t)
 

@@ -72,9 +72,10 @@ def test_unreadable_items_are_skipped(folder):
 def test_missing_caption_is_skipped(folder):
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     del rows[1]["text"]
+    rows[3]["text"], rows[4]["text"] = "", "  \n"  # empty captions: skipped (and so counted) too
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds = ImageCaptionFolder(folder)
-    assert ds[1] is None and ds[0] is not None
+    assert [i for i in range(8) if ds[i] is None] == [1, 3, 4]
 
 
 def test_construction_errors(tmp_path, folder):

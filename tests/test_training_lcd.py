@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,7 +132,7 @@ def test_corrupt_or_incomplete_checkpoint_names_the_folder(tmp_path):
         file = ckpt / name
         good = file.read_bytes()
         file.write_bytes(good[:50])
-        with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoint-2.*If the folder is damaged"):
+        with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoint-2.*if the folder is damaged"):
             run_lcd(tmp_path, 4, **resume)
         file.write_bytes(good)
     state = ckpt / "lcm_lab_state.json"
@@ -201,6 +203,11 @@ def test_checkpoint_limit_and_tensorboard_logs(tmp_path):
     run_lcd(tmp_path, 5, **{"train.checkpoints_total_limit": 2, "train.report_to": "none",
                             "train.resume_from_checkpoint": older, "train.checkpointing_steps": 1})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
+    # ...but a checkpoint from elsewhere must not prune this folder's: refused before any step
+    shutil.copytree(older, tmp_path / "elsewhere" / "checkpoint-4")
+    with pytest.raises(ValueError, match="holds checkpoints of another run"):
+        run_lcd(tmp_path, 5, **{"train.resume_from_checkpoint": str(tmp_path / "elsewhere" / "checkpoint-4")})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
 
 
 def test_unknown_and_bad_config_keys_are_errors(tmp_path):
@@ -242,6 +249,17 @@ def test_unknown_and_bad_config_keys_are_errors(tmp_path):
     assert cfg.train.learning_rate == 1e-4 and cfg.objective.w_max == 7.0
     # the same in overrides of untyped values (reward_kwargs); quoted, it stays text
     assert apply_overrides({}, ["a.b=1e-2", "a.c='1e-2'"]) == {"a": {"b": 0.01, "c": "1e-2"}}
+    assert apply_overrides({}, ["a.b=1.5e3", "a.c=.5E-2", "a.d=-2.e1"]) == {"a": {"b": 1500.0, "c": 0.005, "d": -20.0}}
+    # malformed YAML in an override, or a file that is not a mapping: a ConfigError naming it, not a traceback
+    for raw in ("@x", "[a, b", "*foo"):
+        with pytest.raises(ConfigError, match=re.escape(f"train.output_dir={raw}")):
+            load_method_config("lcd", None, [f"train.output_dir={raw}"])
+    path.write_text("- train\n- objective\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_method_config("lcd", path, ["train.max_steps=3"])
+    # a diffusers schedule that needs arguments the config cannot give
+    with pytest.raises(ConfigError, match="piecewise_constant"):
+        load_method_config("lcd", None, ["train.lr_scheduler=piecewise_constant"])
 
 
 @pytest.mark.parametrize("family, resolution", [("sd15", 512), ("sd21", 768), ("sdxl", 1024)])
@@ -392,8 +410,10 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoints(tmp_path, monkeyp
     assert json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "lcm_lab_state.json").read_text())["step"] == 2
 
 
-def test_nan_gradients_of_a_finite_loss_stop_the_run_before_the_update(tmp_path, monkeypatch):
-    cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", tiny_overrides(tmp_path, 4))
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])  # with clipping off too
+def test_nan_gradients_of_a_finite_loss_stop_the_run_before_the_update(tmp_path, monkeypatch, max_grad_norm):
+    cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml",
+                             tiny_overrides(tmp_path, 4, **{"train.max_grad_norm": max_grad_norm}))
     task = LCDTask(cfg)
     real_loss = task.loss
 

@@ -76,7 +76,9 @@ class UNetModel:
         added_cond_kwargs (`dict`, *optional*): SDXL micro-conditioning for the conditional pass
             (``{"text_embeds": [B, 1280], "time_ids": [B, 6]}``).
         uncond_added_cond_kwargs (`dict`, *optional*): the same for the unconditional pass (SDXL's negative
-            pooled embeddings); defaults to ``added_cond_kwargs``.
+            pooled embeddings, zeros for an empty negative prompt); required under CFG when
+            ``added_cond_kwargs`` is given, because reusing the prompt's pooled ``text_embeds`` would make
+            the unconditional pass conditional.
         cross_attention_kwargs (`dict`, *optional*): forwarded to the UNet unchanged (e.g. LoRA scale).
     """
 
@@ -108,6 +110,9 @@ class UNetModel:
         self.added_cond_kwargs = dict(added_cond_kwargs) if added_cond_kwargs is not None else None
         self.uncond_added_cond_kwargs = dict(uncond_added_cond_kwargs) if uncond_added_cond_kwargs is not None else None
         self.cross_attention_kwargs = dict(cross_attention_kwargs) if cross_attention_kwargs is not None else None
+        if self.do_cfg and self.added_cond_kwargs is not None and self.uncond_added_cond_kwargs is None:
+            raise ValueError("classifier-free guidance with `added_cond_kwargs` needs `uncond_added_cond_kwargs` "
+                             "(SDXL: the negative pooled `text_embeds` and the `time_ids`)")
 
     @property
     def do_cfg(self) -> bool:
@@ -138,8 +143,8 @@ class UNetModel:
 
         uncond = _match_batch("uncond", self.uncond, batch)
         if added is not None:
-            u_added = _match_batch_dict("uncond_added_cond_kwargs", self.uncond_added_cond_kwargs, batch) or added
-            added = _cat_dicts(u_added, added)
+            added = _cat_dicts(_match_batch_dict("uncond_added_cond_kwargs", self.uncond_added_cond_kwargs, batch),
+                               added)
         out = self._forward(
             torch.cat([x_t, x_t]),
             torch.cat([t, t]),

@@ -83,6 +83,13 @@ def _as_float_tensor(t: torch.Tensor | float | int) -> torch.Tensor:
     return t if t.is_floating_point() else t.to(torch.float32)
 
 
+def _check_positive(**values: float) -> None:
+    # Scalars only: a zero or negative scale silently flips or zeroes c_out, and sigma_data = 0 gives 0/0 at t = 0.
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
 def lcm_boundary_scalings(
     t: torch.Tensor | float | int, timestep_scaling: float = 10.0, sigma_data: float = 0.5
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +113,7 @@ def lcm_boundary_scalings(
         `tuple[torch.Tensor, torch.Tensor]`: ``(c_skip, c_out)``, shape of ``t``, float32 (float64 for a
         float64 ``t``).
     """
+    _check_positive(timestep_scaling=timestep_scaling, sigma_data=sigma_data)
     t = _as_float_tensor(t)
     # At least float32: in float16, s^2 overflows to inf for t >= 26 (scaling 10), giving c_skip = c_out = 0.
     s = t.to(torch.promote_types(t.dtype, torch.float32)) * timestep_scaling
@@ -140,6 +148,9 @@ def edm_cm_scalings(
         sigma_min (`float`, defaults to 0.002): boundary noise level.
         sigma_data (`float`, defaults to 0.5): data standard deviation.
     """
+    _check_positive(sigma_data=sigma_data)
+    if sigma_min < 0:
+        raise ValueError(f"sigma_min must be >= 0, got {sigma_min}")
     sigma = _as_float_tensor(sigma)
     sd2 = sigma_data**2
     c_skip = sd2 / ((sigma - sigma_min) ** 2 + sd2)

@@ -20,7 +20,8 @@ in float32 (the schedule's dtype) and the running latents are cast back to ``lat
 half-precision UNets keep receiving half-precision inputs.
 
 Each sampler reproduces the matching diffusers scheduler loop (``LCMScheduler``, ``TCDScheduler``,
-``DDIMScheduler``) to float32 round-off; see ``tests/test_core_parity.py``.
+``DDIMScheduler``) to float32 round-off for float32 latents; see ``tests/test_core_parity.py``. With
+half-precision latents the results differ from diffusers' by design: diffusers steps in half precision.
 """
 
 from __future__ import annotations
@@ -367,7 +368,10 @@ def timesteps_for(
 
     - ``"lcm"``: :func:`~lcm_lab.core.schedules.lcm_timesteps` (strength handled inside the grid, as
       ``LatentConsistencyModelImg2ImgPipeline``).
-    - ``"tcd"``: :func:`~lcm_lab.core.schedules.tcd_timesteps` (config-style ``original_inference_steps``).
+    - ``"tcd"``: :func:`~lcm_lab.core.schedules.tcd_timesteps` (config-style ``original_inference_steps``;
+      strength handled inside the grid, as ``TCDScheduler.set_timesteps(..., strength=...)``. diffusers'
+      img2img pipelines instead trim the full grid, e.g. 4 steps at strength 0.5 give [499, 379, 259, 139]
+      here and [499, 259] there).
     - ``"ddim"``: :func:`~lcm_lab.core.schedules.ddim_timesteps` with ``timestep_spacing`` /
       ``steps_offset`` (SD defaults: "leading", 1), then :func:`~lcm_lab.core.schedules.img2img_timesteps`
       for ``strength < 1`` (``StableDiffusionImg2ImgPipeline``). ``original_inference_steps`` is unused.

@@ -11,7 +11,8 @@ One training step, for a batch of clean latents ``z`` with text conditioning ``c
    ``x0 = x0_c + w (x0_c - x0_u)``, ``eps = eps_c + w (eps_c - eps_u)``, and one DDIM step to
    ``x_s = alpha_s x0 + sigma_s eps`` (LCM eq. 8 with the DDIM solver);
 5. target ``f_{theta^-}(x_s, s, w, c)`` without gradient, from the EMA target network;
-6. loss ``d(f_theta(x_t, t, w, c), target)``, ``d`` = l2 or pseudo-Huber (iCT, Song & Dhariwal 2023).
+6. loss ``d(f_theta(x_t, t, w, c), target)``, ``d`` = l2 or the elementwise pseudo-Huber of the diffusers
+   LCD scripts (REFERENCE §1; unlike iCT's, which is taken on each sample's l2 norm).
 
 ``f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t)`` uses :func:`lcm_boundary_scalings` and
 :func:`to_x0` from the core: the same functions the LCM sampler and the exported LCMScheduler use.
@@ -82,7 +83,8 @@ def _check_loss_type(loss_type: str) -> None:
 
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "huber",
                      huber_c: float = 0.001) -> torch.Tensor:
-    """Mean l2 (``(a-b)^2``) or pseudo-Huber (``sqrt((a-b)^2 + c^2) - c``, iCT sec. 3.3) distance."""
+    """Mean l2 (``(a-b)^2``) or elementwise pseudo-Huber (``sqrt((a-b)^2 + c^2) - c``) distance, as the
+    diffusers LCD scripts compute it (iCT instead takes pseudo-Huber of each sample's l2 norm)."""
     pred, target = pred.float(), target.float()
     _check_loss_type(loss_type)
     if loss_type == "l2":

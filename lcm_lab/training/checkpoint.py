@@ -73,6 +73,7 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, extra: dict
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank's RNG file is written before the folder is renamed and pruned
     if accelerator.is_main_process:
         (tmp / "extra").mkdir(exist_ok=True)
         for name, tensors in extra.items():
@@ -130,5 +131,7 @@ def load_checkpoint(accelerator, path: Path, restore_extra: Callable[[dict], Non
         accelerator.load_state(str(path))
         restore_extra({p.stem: load_file(p) for p in sorted((path / "extra").glob("*.safetensors"))})
     except Exception as e:  # a truncated or foreign file: say which checkpoint is broken
-        raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {e}. If the folder is damaged, delete "
-                              "it to resume from the previous checkpoint, or start a new train.output_dir.") from e
+        raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {e}. If the model settings changed "
+                              "since it was saved (e.g. model.lora), resume with the saved ones; if the folder is "
+                              "damaged, delete it to resume from the previous checkpoint, or start a new "
+                              "train.output_dir.") from e

@@ -38,9 +38,11 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-# YAML 1.2 floats without a dot (1e-4): YAML 1.1 reads them as strings, in files and overrides alike.
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+# YAML 1.2 exponent floats: YAML 1.1 wants a dot and a signed exponent, so it reads 1e-4 and 1.5e3 as
+# strings, in files and overrides alike.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+.0123456789"))
 
 
 def _yaml(text: str) -> Any:
@@ -136,7 +138,11 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is not a section")
-        node[parts[-1]] = _yaml(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = _yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML (put text in quotes): "
+                              f"{str(e).splitlines()[0]}") from e
     return data
 
 
@@ -161,6 +167,8 @@ def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: 
             data = _yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} must be a mapping of config sections, got {type(data).__name__}")
     data = apply_overrides(data, overrides)
     return config_from_dict(cls, data)
 

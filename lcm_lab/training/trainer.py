@@ -81,9 +81,10 @@ class LoopConfig:
             raise ValueError(f"attention must be 'sdpa' or 'xformers', got {self.attention!r}")
         from diffusers.optimization import SchedulerType
 
-        if self.lr_scheduler not in {t.value for t in SchedulerType}:
-            raise ValueError(f"lr_scheduler must be one of {', '.join(t.value for t in SchedulerType)}, got "
-                             f"{self.lr_scheduler!r}")
+        # piecewise_constant needs step_rules, which this loop does not pass.
+        schedules = [t.value for t in SchedulerType if t.value != "piecewise_constant"]
+        if self.lr_scheduler not in schedules:
+            raise ValueError(f"lr_scheduler must be one of {', '.join(schedules)}, got {self.lr_scheduler!r}")
         if self.report_to not in ("tensorboard", "wandb", "all", "none"):
             raise ValueError(f"report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
@@ -247,6 +248,10 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
                 raise
         if path is not None:
             start = check_resumable(path, layout)
+            if path.resolve().parent != ckpt_root.resolve() and (here := checkpoint_dirs(ckpt_root)):
+                # Its first save would prune this folder's checkpoints of later steps (another run's).
+                raise ValueError(f"{ckpt_root} holds checkpoints of another run (latest: {here[-1].name}) and "
+                                 f"{path} is not one of them; resume into a new train.output_dir")
     elif earlier := checkpoint_dirs(ckpt_root):
         # A fresh run here would prune the earlier run's checkpoints as soon as it saves its first one.
         raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run (latest: {earlier[-1].name}); "
@@ -295,8 +300,11 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
                         f"non-finite loss ({loss.item()}) at step {step}; the last checkpoint in {ckpt_root} is intact. "
                         "Lower train.learning_rate or check the data.")
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+                if accelerator.sync_gradients:
+                    # With clipping off the norm is still taken (an infinite bound scales by 1), so that a
+                    # non-finite gradient stops the run before the update instead of one step later.
+                    bound = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+                    grad_norm = float(accelerator.clip_grad_norm_(params, bound))
                     # fp16's loss scaler skips steps with inf gradients by design; otherwise they are a fault.
                     if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":
                         raise FloatingPointError(
