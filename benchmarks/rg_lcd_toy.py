@@ -44,7 +44,7 @@ def checks(rows: dict[str, dict]) -> list[dict]:
     return [
         {"check": "RG-LCD (LRM) 2-step toy-clip > teacher DDIM-50 toy-clip", "value": lrm2["clip"],
          "bound": t50["clip"], "pass": lrm2["clip"] > t50["clip"]},
-        {"check": "RG-LCD (LRM) 2-step FD <= max(1.2 x LCD 2-step FD, LCD 2-step FD + real-vs-real FD)",
+        {"check": "RG-LCD (LRM) 2-step FD <= max(1.2 x LCD 2-step FD, LCD 2-step FD + FD floor)",
          "value": lrm2["fd"], "bound": fd_bound, "pass": lrm2["fd"] <= fd_bound},
     ]
 

@@ -24,6 +24,7 @@ from lcm_lab.eval.toy import (  # noqa: E402
     eval_prompts, load_judge, prompt_accuracy, psnr, real_images, toy_metrics, toy_reference,
     vae_reconstruct,
 )
+from lcm_lab.eval.evaluate import atomic_write_text  # noqa: E402
 from lcm_lab.generation import timed_generate  # noqa: E402
 from lcm_lab.imaging import save_grid  # noqa: E402
 from lcm_lab.models.sd import load_ldm  # noqa: E402
@@ -73,7 +74,7 @@ def main() -> None:
                                      batch_size=250)
         results["compose_ddim50"] = prompt_accuracy(judge, images, c_attrs)
     results["rows"] = rows
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
 
     lines = [f"Toy world, {n} held-out samples per set, fixed seeds ({results['machine']}).", "",
              "| attribute | judge acc. (real) | judge acc. (VAE recon) |", "|---|---|---|"]
@@ -92,7 +93,7 @@ def main() -> None:
                      f"{r['fd_real']:.3f} | {r['accuracy']:.3f} | {r['sec_per_image']:.4f} |")
     if "compose_ddim50" in results:
         lines += ["", f"Held-out compositions, teacher DDIM-50: prompt accuracy {results['compose_ddim50']['accuracy']:.3f}"]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -58,9 +58,13 @@ def _copy_model(src: Path, dst: Path) -> Path:
     tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    if dst.exists():  # swap: the previous model is removed only once the new one is in place
+        old = dst.with_name(dst.name + f".old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dst)
     return dst
 
 
@@ -77,8 +81,9 @@ def run_demo(out_dir: Path, num_samples: int = 1000, overrides: Sequence[str] = 
         reference_num: real images in the FD reference (at least ``num_samples``).
         progress: progress bars.
     """
-    if num_samples < 1 or num_prompts < 1:  # before the distillation, not after it
-        raise ValueError(f"num_samples and num_prompts must be >= 1, got {num_samples} and {num_prompts}")
+    if num_samples < 2 or num_prompts < 1:  # before the distillation, not after it
+        raise ValueError(f"num_samples must be >= 2 (FD needs a covariance) and num_prompts >= 1, got "
+                         f"{num_samples} and {num_prompts}")
     from .eval.evaluate import MetricSuite, evaluate
     from .eval.toy import eval_prompts
     from .generation import generate
@@ -130,8 +135,8 @@ def run_demo(out_dir: Path, num_samples: int = 1000, overrides: Sequence[str] = 
         f"# lcm-lab demo: LCD on the toy world\n\n"
         f"Distillation: {train_seconds / 60:.1f} min ({cfg.train.max_steps} steps, batch {cfg.train.batch_size}, "
         f"{torch.get_num_threads()} threads). Model: `{model_dir}`.\n\n{table}\n"
-        "FD: judge-feature Fréchet distance to VAE reconstructions of held-out images (fd_floor: two real "
-        "sets); clip: toy-clip score; accuracy: share of prompts with every attribute right (judge).\n\n"
+        "FD: judge-feature Fréchet distance to VAE reconstructions of held-out images (fd_floor: the same "
+        "between two sets of reconstructions); clip: toy-clip score; accuracy: share of prompts with every attribute right (judge).\n\n"
         f"## Checks\n\n{check_lines}\n\n"
         f"Comparison grid `{comparison.name}`: {report['comparison_layout']}.\n"))
     print()

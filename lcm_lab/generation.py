@@ -103,6 +103,8 @@ def generate(
     steps = resolve_steps(sampler, steps)
     if images is None and strength != 1.0:
         raise ValueError("strength < 1 needs init images (--image)")
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} init images for {len(prompts)} prompts: pass one per prompt")
     if output not in ("images", "latents"):
         raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
     factor = model.vae_scale_factor
@@ -132,7 +134,7 @@ def generate(
         for start in tqdm(batches, desc=f"{sampler}-{steps}", disable=not progress or len(batches) < 2):
             chunk = slice(start, start + batch_size)
             cond = model.conditioning(list(prompts[chunk]), truncate=truncate, image_size=image_size)
-            gens = generators_for_seeds(seeds[chunk], device=device)
+            gens = generators_for_seeds(seeds[chunk])  # CPU generators: the same noise on every device
             noise = randn((len(cond), *latent_shape), generator=gens, dtype=dtype, device=device)
             if images is None:
                 latents = noise

@@ -11,7 +11,8 @@ def reading(path: str | os.PathLike, what: str):
     """Re-raise any failure inside the block as a ``ValueError`` that names ``what`` and ``path``.
 
     Missing files (``FileNotFoundError``, whose messages already say where to get them) and missing
-    packages (``ImportError``) pass through unchanged. Only the first line of the original message is
+    packages (``ImportError``) pass through unchanged; a folder that diffusers or transformers find
+    without weights (their ``OSError`` "no file named ...") becomes a ``FileNotFoundError`` saying so. Only the first line of the original message is
     kept: torch's unpickling error goes on to suggest ``weights_only=False``, which is not the fix for a
     corrupt file.
     """
@@ -21,5 +22,9 @@ def reading(path: str | os.PathLike, what: str):
         raise
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:300]
+        if isinstance(e, OSError) and "no file named" in first:  # diffusers' and transformers' missing weights
+            raise FileNotFoundError(f"{what} {path} has no weights file: {first} Copy the model's weights "
+                                    "there (.safetensors preferred), e.g. `huggingface-cli download <repo> "
+                                    "--local-dir DIR` once, on a machine with internet access.") from e
         raise ValueError(f"cannot read {what} {path} ({type(e).__name__}: {first}); the file may be truncated "
                          "or not the expected model: download or rebuild it again") from e

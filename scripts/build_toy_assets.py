@@ -1,9 +1,10 @@
 """Build the embedded toy world's models into assets/toy (deterministic, resumable).
 
-    python scripts/build_toy_assets.py [--out-dir assets/toy] [--teacher-steps 7000] ...
+    python scripts/build_toy_assets.py [--out-dir assets/toy] [--teacher-steps 9000] ...
 
 Finished stages are skipped; an interrupted stage resumes from its last checkpoint in
---work-dir. Delete a stage's output folder to rebuild it.
+--work-dir. Delete a stage's output folder to rebuild it. A finished stage, cache or checkpoint made
+with other settings than the ones it depends on is refused with an error, not reused.
 """
 
 import argparse

@@ -56,6 +56,17 @@ def test_bench_quality_cli_rows_tables_and_plots(tiny_sd, parser, tmp_path, caps
     assert "| lcm | 2 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "quality", "--samplers", "ddim,euler"])
+
+    # --gamma and --truncate reach the sampler: TCD rows differ by gamma, an over-long prompt is cut, not refused
+    prompts.write_text(PROMPTS[0] + " " + " ".join(["word"] * 40) + "\n")
+    for gamma in ("0", "1"):
+        args = parser.parse_args(["bench", "quality", "--models", str(tiny_sd), "--samplers", "tcd", "--steps", "2",
+                                  "--num-samples", "2", "--prompts", str(prompts), "--metrics", "", "--save-images",
+                                  "--gamma", gamma, "--truncate", "--out", str(tmp_path / f"g{gamma}"),
+                                  "--no-progress", "--device", "cpu"])
+        assert args.func(args) == 0
+    g0, g1 = (sorted((tmp_path / f"g{g}" / "images").rglob("00000.png"))[0].read_bytes() for g in "01")
+    assert g0 != g1
     from lcm_lab.eval.bench import bench_speed
 
     with pytest.raises(ValueError, match="steps must be >= 1"):  # not silently the default step count

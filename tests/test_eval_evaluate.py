@@ -113,7 +113,11 @@ def test_evaluate_row_clip_value_and_deterministic_images(ldm, clip_dir, prompt_
     assert saved.shape == (3, 16, 16)
     assert torch.equal(saved, (images[0] * 255).round().to(torch.uint8))
 
+    (tmp_path / "b").mkdir()
+    for name in ("00009.png", "keep.png"):  # an earlier, larger run's image goes; other files stay
+        (tmp_path / "b" / name).write_bytes(files[0].read_bytes())
     again = evaluate(ldm, seeds=10, save_images_dir=tmp_path / "b", **kwargs)
+    assert not (tmp_path / "b" / "00009.png").exists() and (tmp_path / "b" / "keep.png").exists()
     other = evaluate(ldm, seeds=100, save_images_dir=tmp_path / "c", **kwargs)
     same = [a.read_bytes() == b.read_bytes() for a, b in zip(files, _pngs(tmp_path / "b"))]
     diff = [a.read_bytes() != c.read_bytes() for a, c in zip(files, _pngs(tmp_path / "c"))]
@@ -216,6 +220,36 @@ def test_errors_before_generation(ldm, prompt_file, tmp_path):
         evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=2, seeds=[1, 2, 3], metrics=[])
     row = evaluate(ldm, "ddim", 1, str(long_file), metrics=[], truncate=True, progress=False, warmup=False)
     assert row["num_samples"] == 2 and set(row) == {*BASE_KEYS, "sec_per_image"}
+    # FD / FID / KID need two images a side: refused up front, not after generating
+    from lcm_lab.toy.judge import AttributeJudge
+
+    with pytest.raises(ValueError, match="reference_num must be >= 2"):
+        MetricSuite(["fd"], toy=True, reference_num=1, judge=AttributeJudge())
+    with pytest.raises(ValueError, match="fd need at least 2 generated images, got num_samples=1"):
+        evaluate(ldm, "ddim", 1, "toy", num_samples=1, suite=MetricSuite(["fd"], toy=True, reference_num=4,
+                                                                          judge=AttributeJudge()))
+    one = tmp_path / "one_ref"
+    one.mkdir()
+    from lcm_lab.imaging import save_grid
+
+    save_grid(torch.rand(1, 3, 16, 16), one / "only.png")
+    with pytest.raises(ValueError, match="at least 2 reference images"):
+        MetricSuite(["fid"], toy=False, reference=one)
+    from lcm_lab.generation import generate
+
+    with pytest.raises(ValueError, match="3 init images for 2 prompts"):
+        generate(ldm, PROMPTS[:2], [0, 1], images=torch.rand(3, 3, 16, 16), strength=0.5, progress=False)
+
+
+def test_non_finite_images_stop_the_evaluation(tiny_sd, prompt_file):
+    """A diverged model's images would otherwise be scored (FID on black images, a NaN CLIP score)."""
+    from lcm_lab.models.sd import load_ldm
+
+    broken = load_ldm(tiny_sd)
+    with torch.no_grad():
+        broken.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="ddim-1 produced non-finite images for seeds 0..1"):
+        evaluate(broken, "ddim", 1, str(prompt_file), num_samples=2, metrics=[], progress=False, warmup=False)
 
 
 def test_write_metrics_atomic_json_and_markdown(tmp_path):
@@ -255,11 +289,18 @@ def test_toy_metrics_path_with_random_toy_models(clip_dir, tmp_path_factory):
     prompts, attrs = eval_prompts(7)
     images = generate(model, prompts, list(range(3, 10)), sampler="tcd", steps=2, guidance_scale=2.0, progress=False)
     assert images.shape[-1] == 32
-    expected = toy_metrics(judge, toy_reference(judge, model.vae, 24), images, attrs)
-    for key in ("fd", "fd_real", "accuracy", "acc_color"):
+    expected = toy_metrics(judge, toy_reference(judge, model.vae, 24, 7), images, attrs)
+    for key in ("fd", "fd_real", "accuracy", "acc_color", "fd_floor", "fd_real_floor"):
         assert math.isclose(row[key], expected[key], rel_tol=1e-5, abs_tol=1e-6), key
+    # the floors are measured at the row's sample size (7 vs 24), not the reference's (24 vs 24)
+    assert row["fd_floor"] != toy_reference(judge, model.vae, 24).floors["fd_floor"]
     with torch.no_grad():
         assert math.isclose(row["clip"], suite.clip(images, prompts).double().mean().item(), rel_tol=1e-5)
+    # a bfloat16 model's images go through the float32 judge, VAE reference and toy-clip
+    half = load_ldm(model.path, dtype=torch.bfloat16)
+    row16 = evaluate(half, "tcd", 2, "toy", num_samples=7, seeds=3, guidance=2.0, suite=suite, batch_size=3,
+                     progress=False)
+    assert all(math.isfinite(row16[k]) for k in ("fd", "fd_floor", "accuracy", "clip"))
 
 
 def test_toy_world_metrics_match_toy_module(tmp_path):

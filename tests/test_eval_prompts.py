@@ -25,6 +25,8 @@ def test_text_file_blank_lines_and_long_lines(tmp_path):
     assert any("3 blank" in n for n in pset.notes) and any("line" in n and "5" in n for n in pset.notes)
     assert count_tokens(["a red circle"]) == [5]  # <start> a red circle <end>
     assert load_prompt_set(str(file)).prompts == pset.prompts
+    file.write_text("a red circle\n", encoding="utf-8-sig")  # as some editors save: the BOM is no prompt text
+    assert read_prompt_file(file).prompts == ["a red circle"]
 
 
 def test_text_file_token_check_with_a_model_tokenizer(tmp_path):

@@ -111,7 +111,7 @@ def test_preprocess_resize_crop_normalise_matches_torchvision():
 
     images = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(1))  # H=48, W=64
     ours = preprocess_images(images, 32)
-    ref = TF.resize(images, [32], interpolation=InterpolationMode.BICUBIC, antialias=False)
+    ref = TF.resize(images, [32], interpolation=InterpolationMode.BICUBIC, antialias=True)
     assert ref.shape[-2:] == (32, 42)
     ref = TF.normalize(TF.center_crop(ref, [32, 32]), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     assert ours.shape == (2, 3, 32, 32)
@@ -134,7 +134,7 @@ def test_preprocess_longest_pads_like_hps():
 
     images = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(3))
     out = preprocess_images(images, 32, resize_mode="longest")
-    ref = TF.resize(images, [24, 32], interpolation=InterpolationMode.BICUBIC, antialias=False)
+    ref = TF.resize(images, [24, 32], interpolation=InterpolationMode.BICUBIC, antialias=True)
     ref = TF.normalize(F.pad(ref, (0, 0, 4, 4), value=0.0), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="resize_mode"):
@@ -171,6 +171,8 @@ def test_clip_score_local_dir_matches_raw_model(open_clip_dir, open_clip_raw):
     _check_gradients(plain)
     with pytest.raises(ValueError, match="3 images but 2 prompts"):
         reward(images, PROMPTS[:2])
+    with pytest.raises(ValueError, match="expected float images in \\[0, 1\\], got torch.uint8"):
+        reward((images * 255).round().to(torch.uint8), PROMPTS)
 
 
 def test_clip_text_features_encode_each_distinct_prompt_once(open_clip_dir, open_clip_raw):
@@ -290,7 +292,13 @@ def test_eval_metrics_resize_with_antialiasing(open_clip_dir, hps_checkpoint):
     assert load_clip_metric(checkpoint=open_clip_dir).preprocess.antialias
     assert load_hps_metric(hps_checkpoint / "HPS_v2.1_compressed.pt",
                            arch=str(hps_checkpoint / "tiny_arch.json")).preprocess.antialias
-    assert not load_reward("clip", checkpoint=open_clip_dir).preprocess.antialias  # training default: plain
+    assert load_reward("clip", checkpoint=open_clip_dir).preprocess.antialias  # training rewards too (RG-LCD)
+    # ...because a plain 1024 -> 224 px resize passes gradient to only a grid of the pixels
+    image = torch.rand(1, 3, 1024, 1024, requires_grad=True)
+    for antialias, untouched in ((False, True), (True, False)):
+        preprocess_images(image, 224, antialias=antialias).sum().backward()
+        assert bool((image.grad == 0).any()) is untouched
+        image.grad = None
 
 
 def test_aesthetic_head_and_clip_match_raw_models(tmp_path, open_clip_dir, open_clip_raw):
@@ -469,6 +477,9 @@ def test_missing_weights_name_file_source_and_env(tmp_path, monkeypatch):
     pick = tmp_path / "pick"
     pick.mkdir()
     (pick / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="yuvalkirstain/PickScore_v1"):  # a config without weights
+        PickScoreReward(model_dir=pick)
+    (pick / "model.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError) as info:
         PickScoreReward(model_dir=pick)
     assert "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" in str(info.value)

@@ -426,6 +426,13 @@ def test_lrm_reads_toy_and_sd_latents():
         with torch.no_grad():
             scores = lrm(torch.randn(2, 4, side, side), torch.randn(2, tokens, text_dim))
         assert scores.shape == (2,) and bool(((scores >= -1) & (scores <= 1)).all())
+    # float32 under the student's autocast too: the scores the LRM was trained on, not bf16 ones
+    latents, states = torch.randn(2, 4, 64, 64), torch.randn(2, 77, 768)
+    with torch.no_grad():
+        ref = lrm(latents, states)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = lrm(latents, states)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, ref)
     assert sum(p.numel() for p in lrm.parameters()) < 5_000_000  # "small" stays small
 
 

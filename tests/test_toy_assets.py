@@ -88,6 +88,11 @@ def test_corrupt_model_files_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="cannot read text encoder .*text_encoder"):
         load_ldm(teacher)
     shutil.copytree(toy_teacher_dir() / "text_encoder", teacher / "text_encoder", dirs_exist_ok=True)
+    for weights in (teacher / "unet").glob("*.safetensors"):  # missing, not corrupt: said so
+        weights.unlink()
+    with pytest.raises(FileNotFoundError, match=r"UNet .*unet has no weights file: .*no file named"):
+        load_ldm(teacher)
+    shutil.copytree(toy_teacher_dir() / "unet", teacher / "unet", dirs_exist_ok=True)
     (teacher / "scheduler" / "scheduler_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read scheduler config .*scheduler_config.json"):
         load_ldm(teacher)

@@ -10,10 +10,10 @@ pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 def tiny(tmp, **kw) -> BuildConfig:
-    return BuildConfig(out_dir=str(tmp / "out"), work_dir=str(tmp / "work"), num_train_images=48,
-                       num_recon_images=16, vae_steps=2, vae_batch=4, teacher_steps=4, teacher_batch=4,
-                       teacher_warmup=1, reward_steps=2, reward_batch=8, judge_steps=2, judge_batch=8,
-                       checkpoint_every=2, **kw)
+    return BuildConfig(**{**dict(out_dir=str(tmp / "out"), work_dir=str(tmp / "work"), num_train_images=48,
+                                 num_recon_images=16, vae_steps=2, vae_batch=4, teacher_steps=4, teacher_batch=4,
+                                 teacher_warmup=1, reward_steps=2, reward_batch=8, judge_steps=2, judge_batch=8,
+                                 checkpoint_every=2), **kw})
 
 
 def weights(cfg: BuildConfig, part: str) -> dict:
@@ -47,6 +47,33 @@ def test_build_is_deterministic_and_resumes(tmp_path, monkeypatch):
         assert wa.keys() == wb.keys()
         assert all((wa[k] == wb[k]).all() for k in wa), part
     assert not list((tmp_path / "b" / "work").glob("*_ckpt.pt"))  # checkpoints cleaned up
+
+    # Outputs made with other settings are refused, not reused: a finished asset, a work-folder cache...
+    with pytest.raises(ValueError, match=r"out holds the teacher stage of a build with teacher_steps=4 \(now 5\)"):
+        build_all(tiny(tmp_path / "a", teacher_steps=5))
+    with pytest.raises(ValueError, match=r"work holds the data stage of a build with num_train_images=48 \(now 40\)"):
+        build_all(tiny(tmp_path / "a", out_dir=str(tmp_path / "c"), num_train_images=40))
+    # ...but a work folder may serve a build that differs only in a later stage (a new --out-dir)
+    shared = tiny(tmp_path / "a", out_dir=str(tmp_path / "d"), teacher_lr=5e-4)
+    assert build_all(shared)["build"]["teacher_lr"] == 5e-4
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path)
+    update = build._Trainer.update
+
+    def interrupting(self, loss):
+        update(self, loss)
+        if self.stage == "judge" and self.step == 2:
+            self.save()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(build._Trainer, "update", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        build_all(cfg)
+    monkeypatch.setattr(build._Trainer, "update", update)
+    with pytest.raises(ValueError, match=r"judge_ckpt.pt holds the judge stage of a build with judge_batch=8 \(now 16\)"):
+        build_all(tiny(tmp_path, judge_batch=16))
 
 
 def test_trainer_update_is_adamw_clip_and_ema(tmp_path):

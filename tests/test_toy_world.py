@@ -85,7 +85,10 @@ def test_write_folder(tmp_path):
     from PIL import Image
 
     world = ToyWorld(5)
+    (tmp_path / "data.partial").mkdir()  # left by an interrupted write: its files must not end up in the folder
+    (tmp_path / "data.partial" / "0000009.png").write_bytes(b"stale")
     out = world.write_folder(tmp_path / "data", 4)
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:07d}.png" for i in range(4)] + ["metadata.jsonl"]
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 4
     for i, row in enumerate(rows):

@@ -130,15 +130,15 @@ def _model_names(models: Sequence) -> list[str]:
 def bench_quality(models: Sequence, samplers: Sequence[str], steps_list: Sequence[int], out_dir: str | os.PathLike,
                   *, prompt_set="toy", num_samples: int | None = None, seeds: int = 0, guidance: float | None = None,
                   metrics: Sequence[str] | None = None, batch_size: int = 32, device: str | None = None,
-                  save_images: bool = False, progress: bool = True, suite: MetricSuite | None = None,
-                  **suite_options) -> list[dict]:
+                  gamma: float = 0.3, truncate: bool = False, save_images: bool = False, progress: bool = True,
+                  suite: MetricSuite | None = None, **suite_options) -> list[dict]:
     """Evaluate every (model, sampler, steps); write ``results.json``, ``results.md`` and plots.
 
     Args:
         models: pipeline folders (``None`` = the embedded toy teacher).
         samplers, steps_list: the grid.
         out_dir: where results (and, with ``save_images``, ``images/<model>/<sampler>-<steps>/``) go.
-        prompt_set, num_samples, seeds, guidance, metrics, batch_size, device: as in
+        prompt_set, num_samples, seeds, guidance, metrics, batch_size, device, gamma, truncate: as in
             :func:`~lcm_lab.eval.evaluate.evaluate`, the same for every row (same prompts and
             seeds: rows differ only by model, sampler and steps).
         suite / suite_options: a prepared :class:`~lcm_lab.eval.evaluate.MetricSuite`, or its
@@ -165,7 +165,8 @@ def bench_quality(models: Sequence, samplers: Sequence[str], steps_list: Sequenc
             for steps in steps_list:
                 images_dir = out / "images" / name.replace(os.sep, "_") / f"{sampler}-{steps}" if save_images else None
                 row = evaluate(ldm, sampler, int(steps), pset, num_samples, seeds, guidance, batch_size=batch_size,
-                               suite=suite, save_images_dir=images_dir, progress=progress, name=name)
+                               suite=suite, save_images_dir=images_dir, progress=progress, name=name, gamma=gamma,
+                               truncate=truncate)
                 rows.append(row)
                 write_results(rows, out)
     return rows
@@ -355,6 +356,7 @@ def bench_speed(model_path: str | os.PathLike | None = None, *, sd15_random: boo
         ``*_peak_extra_mb`` (peak minus the memory in use before the call: the generation's own
         working memory), ``process_peak_rss_mb``, ``max_abs_diff``, ``outputs_match`` and the settings.
     """
+    from ..core.noise import generators_for_seeds
     from ..generation import generate, resolve_steps
     from ..models.sd import load_ldm
     from .evaluate import _default_device, _sync
@@ -383,7 +385,7 @@ def bench_speed(model_path: str | os.PathLike | None = None, *, sd15_random: boo
                             gamma=gamma, batch_size=batch_size, decode_chunk_size=batch_size, progress=False)
 
         def theirs():
-            gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+            gens = generators_for_seeds(seeds)  # on the CPU, as ours
             extra = {"eta": gamma} if sampler == "tcd" else {}
             with torch.no_grad():
                 return pipe(batch_prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,

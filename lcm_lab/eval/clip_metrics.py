@@ -7,9 +7,8 @@
   x 100 per style (anime, concept-art, paintings, photo) and their average.
 
 The scores themselves are never re-implemented here: this module loads the reward models and
-aggregates their per-image outputs. As metrics they resize with antialiasing, as the PIL
-preprocessing the models were published with (rewards used for training default to the cheaper
-plain resize). The CLIP score clamps each pair at 0, as Hessel et al.; torchmetrics' ``CLIPScore``
+aggregates their per-image outputs. They resize with antialiasing, as the PIL preprocessing the
+models were published with (the rewards' default, used for training too). The CLIP score clamps each pair at 0, as Hessel et al.; torchmetrics' ``CLIPScore``
 clamps the mean instead (the same value unless some cosines are negative).
 """
 

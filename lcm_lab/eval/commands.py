@@ -205,7 +205,8 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     options.pop("batch_size")
     rows = bench_quality(args.models or [None], args.samplers, args.steps, args.out, prompt_set=args.prompts,
                          num_samples=num, seeds=args.seed, guidance=args.guidance, metrics=args.metrics,
-                         batch_size=args.batch_size, device=args.device, save_images=args.save_images,
+                         batch_size=args.batch_size, device=args.device, gamma=args.gamma, truncate=args.truncate,
+                         save_images=args.save_images,
                          progress=not args.no_progress, per_style=args.per_style, **options)
     print(format_table(rows), end="")
     print(f"wrote {Path(args.out) / 'results.json'}, results.md and plots to {args.out}")

@@ -188,6 +188,10 @@ class MetricSuite:
         if toy_only and not toy:
             raise ValueError(f"metric(s) {toy_only} need the toy world's prompts (--prompts toy)")
         self.metrics = tuple(dict.fromkeys(metrics))
+        fid_kid = "fid" in self.metrics or "kid" in self.metrics
+        if ("fd" in self.metrics or (fid_kid and reference is None)) and self.reference_num < 2:
+            raise ValueError(f"reference_num must be >= 2 (the toy reference needs a covariance), got "
+                             f"{self.reference_num}")
         self.judge = None
         if toy_only:
             from .toy import load_judge
@@ -204,9 +208,12 @@ class MetricSuite:
             if reference is None and not toy:
                 raise ValueError("FID/KID need reference images: pass a folder of real images (--reference DIR)")
             self.reference_files = list_images(reference) if reference is not None else None
+            if self.reference_files is not None and len(self.reference_files) < 2:
+                raise ValueError(f"FID/KID need at least 2 reference images; {reference} has "
+                                 f"{len(self.reference_files)}")
             self.inception = InceptionMetrics(inception, device=self.device, kid="kid" in self.metrics,
                                               **(fid_options or {}))
-        self._toy_refs: list = []  # [(vae, ToyReference)]
+        self._toy_refs: list = []  # [(vae, floor sample size, ToyReference)]
         self._fid_ref_size = None
 
     @staticmethod
@@ -225,15 +232,17 @@ class MetricSuite:
 
     # -- references
 
-    def _toy_reference(self, vae):
-        """:func:`lcm_lab.eval.toy.toy_reference` for ``vae``, computed once per VAE."""
+    def _toy_reference(self, vae, num_samples: int | None = None):
+        """:func:`lcm_lab.eval.toy.toy_reference` for ``vae`` with floors at ``num_samples`` generated images
+        (default ``reference_num``), computed once per (VAE, size)."""
         from .toy import toy_reference
 
-        for known, ref in self._toy_refs:
-            if known is vae:
+        num_b = num_samples or self.reference_num
+        for known, size, ref in self._toy_refs:
+            if known is vae and size == num_b:
                 return ref
-        ref = toy_reference(self.judge, vae, self.reference_num)
-        self._toy_refs.append((vae, ref))
+        ref = toy_reference(self.judge, vae, self.reference_num, num_b)
+        self._toy_refs.append((vae, num_b, ref))
         return ref
 
     def _fid_reference(self, size: int) -> None:
@@ -257,18 +266,26 @@ class MetricSuite:
 
     # -- one evaluation
 
-    def start(self, vae=None, image_size: int | None = None) -> "_Accumulator":
-        """A fresh accumulator for one evaluation (computes references on first use)."""
-        return _Accumulator(self, vae, image_size)
+    def start(self, vae=None, image_size: int | None = None, num_samples: int | None = None) -> "_Accumulator":
+        """A fresh accumulator for one evaluation of ``num_samples`` images (computes references on first use).
+
+        Raises:
+            ValueError: ``num_samples`` < 2 with FD, FID or KID (they need a covariance or pairs).
+        """
+        needs_pairs = [m for m in ("fd", "fid", "kid") if m in self.metrics]
+        if num_samples is not None and num_samples < 2 and needs_pairs:
+            raise ValueError(f"{', '.join(needs_pairs)} need at least 2 generated images, got num_samples="
+                             f"{num_samples}")
+        return _Accumulator(self, vae, image_size, num_samples)
 
 
 class _Accumulator:
     """Streams batches of generated images into every metric of a :class:`MetricSuite`."""
 
-    def __init__(self, suite: MetricSuite, vae, image_size: int | None):
+    def __init__(self, suite: MetricSuite, vae, image_size: int | None, num_samples: int | None = None):
         self.suite = suite
         self.count = 0
-        self.toy_ref = suite._toy_reference(vae) if "fd" in suite.metrics else None
+        self.toy_ref = suite._toy_reference(vae, num_samples) if "fd" in suite.metrics else None
         self.judge_stats = FeatureStats()
         self.acc_sums: dict[str, float] = {}
         self.clip = ScoreMean()
@@ -284,6 +301,7 @@ class _Accumulator:
         from .toy import judge_features, prompt_accuracy
 
         s, n = self.suite, len(images)
+        images = images.float()  # a half-precision model's images meet float32 metric networks
         metrics = s.metrics
         if "fd" in metrics:
             self.judge_stats.update(judge_features(s.judge, images.to(s.device)).cpu())
@@ -431,10 +449,13 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
     if suite is None:
         suite = MetricSuite(metrics, toy=toy, device=device, clip=clip, hps=hps, inception=inception,
                             reference=reference, reference_num=reference_num, fid_options=fid_options)
-    acc = suite.start(vae=ldm.vae, image_size=ldm.image_size)
+    acc = suite.start(vae=ldm.vae, image_size=ldm.image_size, num_samples=n)
     out_dir = Path(save_images_dir) if save_images_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob("*.png"):  # an earlier, larger run's images would mix with this run's
+            if stale.stem.isdigit() and len(stale.stem) >= 5 and int(stale.stem) >= n:
+                stale.unlink()
 
     kwargs = dict(sampler=sampler, steps=steps, guidance_scale=guidance, gamma=gamma, truncate=truncate,
                   progress=False, batch_size=batch_size)
@@ -449,6 +470,9 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         images = generate(ldm, prompts[chunk], seed_list[chunk], **kwargs)
         _sync(device)
         gen_seconds += time.perf_counter() - t0
+        if not torch.isfinite(images).all():  # a diverged model: its metrics would be meaningless
+            raise ValueError(f"{sampler}-{steps} produced non-finite images for seeds {seed_list[chunk][0]}.."
+                             f"{seed_list[chunk][-1]} ({name or ldm.path}); the model or its precision is broken")
         acc.update(images, prompts[chunk], metadata[chunk])
         if out_dir is not None:
             for j, image in enumerate(images.cpu()):

@@ -116,7 +116,7 @@ def read_prompt_file(path: str | os.PathLike, tokenizer=None, max_tokens: int | 
     if not file.is_file():
         raise FileNotFoundError(f"prompt file {file} does not exist")
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = file.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM is not part of prompt 1
     except UnicodeDecodeError as exc:
         raise ValueError(f"prompt file {file} is not UTF-8 text ({exc})") from None
     items, blank = [], 0

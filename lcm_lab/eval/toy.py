@@ -64,8 +64,9 @@ def prompt_accuracy(judge: AttributeJudge, images: torch.Tensor, attributes: lis
     pred = torch.cat([judge.predict(chunk) for chunk in images.split(batch_size)])
     target = torch.tensor([attribute_labels(a) for a in attributes])
     correct = pred == target
-    out = {"accuracy": correct.all(1).float().mean().item()}
-    out.update({f"acc_{k}": correct[:, j].float().mean().item() for j, k in enumerate(ATTRIBUTE_NAMES)})
+    # float64 means: averaged over batches they are then exact fractions of the image count
+    out = {"accuracy": correct.all(1).double().mean().item()}
+    out.update({f"acc_{k}": correct[:, j].double().mean().item() for j, k in enumerate(ATTRIBUTE_NAMES)})
     return out
 
 
@@ -74,8 +75,8 @@ def vae_reconstruct(vae, images: torch.Tensor, batch_size: int = 250) -> torch.T
     """Images in [0, 1] through the VAE (posterior mode) and back, in [0, 1]."""
     outs = []
     for chunk in images.split(batch_size):
-        z = vae.encode(chunk * 2 - 1).latent_dist.mode()
-        outs.append((vae.decode(z).sample / 2 + 0.5).clamp(0, 1))
+        z = vae.encode(chunk.to(vae.dtype) * 2 - 1).latent_dist.mode()
+        outs.append((vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1))
     return torch.cat(outs)
 
 
@@ -89,7 +90,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 class ToyReference:
     """Reference statistics for toy FD: judge features of held-out real images (set A, eval
     images ``[0, num)``) and of their VAE reconstructions (what generated images are compared
-    against), plus the floors measured against a second disjoint real set B (``[num, 2 num)``)."""
+    against), plus the floors measured against a second disjoint real set B (``[num, num + num_b)``)."""
 
     recon: FeatureStats
     real: FeatureStats
@@ -108,15 +109,20 @@ def _judge_stats(judge: AttributeJudge, vae, num: int, start: int) -> tuple[Feat
             FeatureStats.of(judge_features(judge, images.to(judge_device)).cpu()))
 
 
-def toy_reference(judge: AttributeJudge, vae, num: int = 1000) -> ToyReference:
-    """The toy FD reference and its floors at ``num`` vs ``num`` samples:
+def toy_reference(judge: AttributeJudge, vae, num: int = 1000, num_b: int | None = None) -> ToyReference:
+    """The toy FD reference (``num`` images, set A) and its floors, measured with a second set B of ``num_b``
+    images (default ``num``): the sample sizes of ``num_b`` generated images against the reference, since
+    FD's bias depends on both.
 
     * ``fd_floor``: reconstructions of B vs reconstructions of A (the floor of ``fd``);
     * ``fd_real_floor``: real B vs real A (the floor of ``fd_real``);
     * ``fd_vae``: reconstructions of B vs real A (the VAE's own error).
     """
+    num_b = num if num_b is None else num_b
+    if min(num, num_b) < 2:
+        raise ValueError(f"FD needs at least 2 images per set (a covariance), got {num} reference and {num_b}")
     recon_a, real_a = _judge_stats(judge, vae, num, 0)
-    recon_b, real_b = _judge_stats(judge, vae, num, num)
+    recon_b, real_b = _judge_stats(judge, vae, num_b, num)
     floors = {"fd_floor": fd_between(recon_b, recon_a), "fd_real_floor": fd_between(real_b, real_a),
               "fd_vae": fd_between(recon_b, real_a)}
     return ToyReference(recon_a, real_a, num, floors)

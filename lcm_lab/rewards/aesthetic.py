@@ -98,7 +98,7 @@ class AestheticReward(RewardModel):
 
     def __init__(self, head: str | os.PathLike | None = None, clip_checkpoint: str | os.PathLike | None = None,
                  clip_arch: str | os.PathLike | Mapping = "ViT-L-14-quickgelu", device: str | torch.device = "cpu",
-                 dtype: torch.dtype | str = torch.float32, antialias: bool = False):
+                 dtype: torch.dtype | str = torch.float32, antialias: bool = True):
         super().__init__()
         head_path = resolve_weights(head, AESTHETIC_HEAD_ENV)
         if head_path is not None and head_path.is_dir():

@@ -54,7 +54,7 @@ def _resized_size(height: int, width: int, size: int, resize_mode: str) -> tuple
 
 def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
                       std: Sequence[float] = OPENAI_CLIP_STD, resize_mode: str = "shortest",
-                      interpolation: str = "bicubic", antialias: bool = False,
+                      interpolation: str = "bicubic", antialias: bool = True,
                       fill: float = 0.0) -> torch.Tensor:
     """Differentiable CLIP-style preprocessing: resize, center crop (or pad), normalise.
 
@@ -73,11 +73,11 @@ def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float] = O
             HPSv2's ``ResizeMaxSize``) or ``"squash"`` (resize to ``size x size``). For square
             images all three agree.
         interpolation: ``"bicubic"`` (default, as CLIP) or ``"bilinear"``.
-        antialias: the resize is done with ``torch.nn.functional.interpolate`` and, by default,
-            without antialiasing. PIL (which the original models were evaluated with)
-            antialiases when it downscales, so for large downscaling factors (e.g. 1024 px ->
-            224 px) the scores differ slightly from PIL-preprocessed ones; pass
-            ``antialias=True`` to filter like PIL (still differentiable, a little slower).
+        antialias: the resize is done with ``torch.nn.functional.interpolate``, by default with
+            antialiasing when it downscales, like PIL (which the original models were published
+            with) and torchvision's tensor ``Resize`` (RG-LCD's reward functions). It stays
+            differentiable, and every pixel gets gradient: without it, a 1024 -> 224 px bicubic
+            resize reads only a grid of the pixels, and a reward's gradient reaches no others.
         fill: padding value (in ``[0, 1]`` pixel units, before normalisation) of ``"longest"``.
 
     Returns:
@@ -118,7 +118,7 @@ class ImagePreprocessor(torch.nn.Module):
     """
 
     def __init__(self, size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
-                 resize_mode: str = "shortest", interpolation: str = "bicubic", antialias: bool = False,
+                 resize_mode: str = "shortest", interpolation: str = "bicubic", antialias: bool = True,
                  fill: float = 0.0):
         super().__init__()
         if resize_mode not in RESIZE_MODES:
@@ -190,6 +190,9 @@ class RewardModel(torch.nn.Module):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"{self.name}: expected images of shape (B, 3, H, W) in [0, 1], got {shape}")
+        if not images.is_floating_point():  # e.g. uint8 from torchvision.io.read_image: 0..255 would be scored
+            raise ValueError(f"{self.name}: expected float images in [0, 1], got {images.dtype} "
+                             "(divide uint8 images by 255)")
         if prompts is None:
             if self.uses_prompts:
                 raise ValueError(f"{self.name}: prompts are required (one string per image)")

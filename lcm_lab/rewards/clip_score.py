@@ -192,7 +192,7 @@ def load_open_clip(checkpoint: str | os.PathLike, arch: str | os.PathLike | Mapp
     return model, tokenizer
 
 
-def open_clip_preprocessor(model: torch.nn.Module, antialias: bool = False,
+def open_clip_preprocessor(model: torch.nn.Module, antialias: bool = True,
                            resize_mode: str | None = None) -> ImagePreprocessor:
     """The differentiable preprocessing matching an open_clip model's preprocess config."""
     from open_clip import get_model_preprocess_cfg
@@ -289,7 +289,7 @@ class CLIPScoreReward(OpenCLIPReward):
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, arch: str | os.PathLike | Mapping | None = None,
                  clip_at_zero: bool = True, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | str = torch.float32, antialias: bool = False):
+                 dtype: torch.dtype | str = torch.float32, antialias: bool = True):
         path = resolve_weights(checkpoint, CLIP_CHECKPOINT_ENV)
         if path is None or not path.exists():
             raise missing_weights("CLIP score", "open_clip_pytorch_model.bin (CLIP ViT-H-14 laion2b_s32b_b79k)",

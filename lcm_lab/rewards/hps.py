@@ -52,7 +52,7 @@ class HPSv2Reward(OpenCLIPReward):
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, version: str = "v2.1",
                  arch: str | os.PathLike | Mapping = "ViT-H-14", device: str | torch.device = "cpu",
-                 dtype: torch.dtype | str = torch.float32, antialias: bool = False):
+                 dtype: torch.dtype | str = torch.float32, antialias: bool = True):
         import open_clip
 
         version = _normalise_version(version)

@@ -70,7 +70,7 @@ class ImageRewardReward(RewardModel):
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, med_config: str | os.PathLike | None = None,
                  clip_max: float | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | str = torch.float32, antialias: bool = False):
+                 dtype: torch.dtype | str = torch.float32, antialias: bool = True):
         model_class = _imagereward_class()  # fail on the missing package before looking for weights
         super().__init__()
         path = resolve_weights(checkpoint, IMAGEREWARD_CHECKPOINT_ENV)

@@ -116,6 +116,12 @@ class TextStatePooler(nn.Module):
         return self.proj(h)
 
 
+def _float32(x: torch.Tensor) -> torch.autocast:
+    """Autocast off on ``x``'s device: casting the inputs alone would still let autocast run the
+    convolutions and linears in half precision."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 class LatentRewardModel(nn.Module):
     """CLIP-like reward on latents: ``cos(image_tower(latents), text_tower(text_states))`` in ``[-1, 1]``.
 
@@ -125,7 +131,8 @@ class LatentRewardModel(nn.Module):
         latent_channels: latent channels (4 for SD/SDXL).
         width, depth, embed_dim: image-tower size (see :data:`LRM_ARCHS`).
 
-    The model always computes in float32 (inputs are cast).
+    The model always computes in float32: inputs are cast, and autocast (the student's mixed precision
+    in RG-LCD) is switched off inside, so the scores the student follows are those the LRM was trained on.
     """
 
     def __init__(self, text_dim: int, latent_channels: int = 4, width: int = 64, depth: int = 3,
@@ -147,10 +154,12 @@ class LatentRewardModel(nn.Module):
         return cls(text_dim, latent_channels, **size)
 
     def encode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_tower(latents.float()), dim=-1)
+        with _float32(latents):
+            return F.normalize(self.image_tower(latents.float()), dim=-1)
 
     def encode_text(self, text_states: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_tower(text_states), dim=-1)
+        with _float32(text_states):
+            return F.normalize(self.text_tower(text_states.float()), dim=-1)
 
     def forward(self, latents: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
         """Cosine scores ``[B]`` of scaled latents ``[B, C, h, w]`` against text states ``[B, L, D]``."""

@@ -47,7 +47,7 @@ def _side(value, default: int) -> int:
     return height
 
 
-def processor_preprocessor(folder: Path, image_size: int, antialias: bool = False) -> ImagePreprocessor:
+def processor_preprocessor(folder: Path, image_size: int, antialias: bool = True) -> ImagePreprocessor:
     """Differentiable preprocessing from a transformers ``preprocessor_config.json`` (CLIPImageProcessor:
     resize the shortest edge, center crop, normalise); OpenAI CLIP statistics and the model's
     ``image_size`` when the file is absent."""
@@ -89,12 +89,14 @@ class PickScoreReward(RewardModel):
 
     def __init__(self, model_dir: str | os.PathLike | None = None, processor_dir: str | os.PathLike | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
-                 antialias: bool = False):
+                 antialias: bool = True):
         super().__init__()
         from transformers import AutoTokenizer, CLIPModel
 
         model_path = resolve_weights(model_dir, PICKSCORE_DIR_ENV)
-        if model_path is None or not (model_path / "config.json").is_file():
+        weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+        if model_path is None or not (model_path / "config.json").is_file() or not any(
+                (model_path / name).is_file() for name in weights):
             raise missing_weights("PickScore", "config.json + model.safetensors (folder)", PICKSCORE_SOURCE,
                                   "model_dir", PICKSCORE_DIR_ENV, model_path)
         proc_path = resolve_weights(processor_dir, PICKSCORE_PROCESSOR_ENV)

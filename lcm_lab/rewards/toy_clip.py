@@ -42,7 +42,7 @@ class ToyCLIPReward(CLIPScoreReward):
 
     def __init__(self, path: str | os.PathLike | None = None, clip_at_zero: bool = True,
                  device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
-                 antialias: bool = False):
+                 antialias: bool = True):
         folder = Path(path).expanduser() if path is not None else toy_clip_dir()
         if not (folder / "open_clip_config.json").is_file():
             raise FileNotFoundError(

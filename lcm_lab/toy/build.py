@@ -3,8 +3,9 @@
 Deterministic for a seed (the data order, timesteps and noise of step ``k`` are drawn
 from generators seeded by ``(seed, stage, k)``, so a resumed run sees what an
 uninterrupted one would), resumable (finished stages are skipped; long stages checkpoint
-into ``work_dir`` every ``checkpoint_every`` steps), and atomic (every output folder is
-written under a temporary name and renamed into place when complete).
+into ``work_dir`` every ``checkpoint_every`` steps; outputs made with other values of the
+settings a stage depends on, :data:`DEPENDS`, are refused, not reused), and atomic (every
+output folder is written under a temporary name and renamed into place when complete).
 
 Stages: data -> vae -> latents -> teacher, reward, judge -> manifest.
 """
@@ -60,6 +61,48 @@ class BuildConfig:
     judge_batch: int = 128
     judge_lr: float = 2e-3
     checkpoint_every: int = 500
+
+
+_DATA = ("seed", "num_train_images")
+_VAE = _DATA + ("vae_steps", "vae_batch", "vae_lr", "vae_kl_weight")
+_LATENTS = _VAE + ("num_recon_images",)
+# The settings each stage's output depends on. A cache, checkpoint or finished asset made with other values is
+# refused instead of silently reused (a work folder may still be shared by builds that differ elsewhere).
+DEPENDS = {
+    "data": _DATA,
+    "vae": _VAE,
+    "latents": _LATENTS,
+    "judge": _LATENTS + ("judge_steps", "judge_batch", "judge_lr"),
+    "reward": _LATENTS + ("reward_steps", "reward_batch", "reward_lr"),
+    "teacher": _LATENTS + ("teacher_steps", "teacher_batch", "teacher_lr", "teacher_warmup", "teacher_snr_gamma",
+                           "caption_dropout", "ema_decay"),
+}
+
+
+def _settings(cfg: BuildConfig, stage: str) -> dict:
+    return {k: getattr(cfg, k) for k in DEPENDS[stage]}
+
+
+def _refuse_other_settings(where: str, stage: str, saved: dict, cfg: BuildConfig, hint: str) -> None:
+    changed = {k: (v, getattr(cfg, k)) for k, v in saved.items() if k in DEPENDS[stage] and getattr(cfg, k) != v}
+    if changed:
+        raise ValueError(f"{where} holds the {stage} stage of a build with "
+                         + ", ".join(f"{k}={old} (now {new})" for k, (old, new) in changed.items()) + f"; {hint}")
+
+
+def _check_work_cache(cfg: BuildConfig, stage: str) -> None:
+    """Refuse a finished work-folder cache (``data``, ``vae``, ``latents``) built with other settings;
+    record the settings of one about to be built (``settings.json`` in the work folder)."""
+    record = Path(cfg.work_dir) / "settings.json"
+    saved = json.loads(record.read_text()) if record.exists() else {}
+    if stage in saved:
+        _refuse_other_settings(cfg.work_dir, stage, saved[stage], cfg,
+                               "use another --work-dir (or delete that folder's caches to rebuild them)")
+        return
+    saved[stage] = _settings(cfg, stage)
+    tmp = record.with_name("settings.json.tmp")
+    tmp.write_text(json.dumps(saved, indent=2))
+    os.replace(tmp, record)
 
 
 def _atomic_dir(final: Path):
@@ -124,6 +167,8 @@ class _Trainer:
         self.ckpt = Path(cfg.work_dir) / f"{stage}_ckpt.pt"
         if self.ckpt.exists():
             state = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+            _refuse_other_settings(str(self.ckpt), stage, state.get("settings", {}), cfg,
+                                   "resume with those settings, or delete the checkpoint to start the stage over")
             model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["opt"])
             self.sched.load_state_dict(state["sched"])
@@ -156,7 +201,7 @@ class _Trainer:
 
     def save(self) -> None:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                 "sched": self.sched.state_dict(), "step": self.step}
+                 "sched": self.sched.state_dict(), "step": self.step, "settings": _settings(self.cfg, self.stage)}
         if self.ema is not None:
             state["ema"] = self.ema
         _save_atomic(state, self.ckpt)
@@ -175,6 +220,7 @@ class _Trainer:
 def build_data(cfg: BuildConfig) -> dict:
     """Render the training images once (the world is deterministic, so this is a cache)."""
     path = Path(cfg.work_dir) / "train_data.npz"
+    _check_work_cache(cfg, "data")
     if not path.exists():
         world = ToyWorld(cfg.seed, "train")
         images = np.empty((cfg.num_train_images, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
@@ -200,6 +246,7 @@ def train_vae(cfg: BuildConfig, data: dict) -> Path:
     """AutoencoderKL trained with MSE + L1 + a small KL; the scaling factor is set, as in
     SD, to 1/std of the latents so that scaled latents have unit variance."""
     final = Path(cfg.work_dir) / "vae"
+    _check_work_cache(cfg, "vae")
     if final.exists():
         return final
     torch.manual_seed(cfg.seed)
@@ -233,6 +280,7 @@ def encode_latents(cfg: BuildConfig, data: dict, vae_dir: Path) -> dict:
     """Posterior mean/std of every training image (teacher data) and VAE reconstructions
     of the first ``num_recon_images`` (so reward model and judge see decoded images)."""
     path = Path(cfg.work_dir) / "latents.pt"
+    _check_work_cache(cfg, "latents")
     if not path.exists():
         from diffusers import AutoencoderKL
 
@@ -245,7 +293,7 @@ def encode_latents(cfg: BuildConfig, data: dict, vae_dir: Path) -> dict:
                 means.append(dist.mean)
                 stds.append(dist.std)
                 if start < cfg.num_recon_images:
-                    rec = vae.decode(dist.mean).sample
+                    rec = vae.decode(dist.mean[:cfg.num_recon_images - start]).sample  # exactly the first N
                     recons.append(((rec / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
         _save_atomic({"mean": torch.cat(means), "std": torch.cat(stds), "recon": torch.cat(recons)}, path)
     return torch.load(path, weights_only=True)
@@ -390,7 +438,7 @@ def train_reward(cfg: BuildConfig, data: dict, latents: dict, tokenizer_dir: Pat
 
 def train_judge(cfg: BuildConfig, data: dict, latents: dict) -> Path:
     """The attribute classifier (never a reward): cross-entropy over the six attributes,
-    on real images and VAE reconstructions, with small shifts as augmentation."""
+    on real images and VAE reconstructions."""
     final = Path(cfg.out_dir) / "judge"
     if final.exists():
         return final
@@ -419,6 +467,12 @@ def build_all(cfg: BuildConfig) -> dict:
     out, work = Path(cfg.out_dir), Path(cfg.work_dir)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
+    if (out / "world.json").exists():  # finished assets are kept: they must be what this build would make
+        built = json.loads((out / "world.json").read_text()).get("build", {})
+        for stage in ("judge", "reward", "teacher"):
+            if (out / stage).exists():
+                _refuse_other_settings(str(out), stage, built, cfg,
+                                       f"use another --out-dir (or delete {out / stage} to rebuild it)")
     timings = {}
 
     def timed(name, fn, *args):

@@ -55,7 +55,7 @@ def write_clip_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 77)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab_and_merges()
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     config = {
         "tokenizer_class": "CLIPTokenizer",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -153,7 +154,7 @@ def render(attributes: dict, rng: np.random.Generator, size: int = IMAGE_SIZE) -
     color = np.clip(np.array(_RGB[attributes["color"]]) + rng.uniform(-0.05, 0.05, 3), 0, 1)
     fill = np.broadcast_to(color, (n, n, 3)).astype(np.float32)
     if attributes["pattern"] == "striped":
-        phase = rng.uniform(0, _STRIPE_PERIOD)
+        phase = rng.uniform(0, _STRIPE_PERIOD * scale)  # any offset within one period, at any image size
         band = np.floor((ys + phase) / (_STRIPE_PERIOD * scale / 2)) % 2 == 1
         fill = np.where(band[..., None], 0.25 * fill + 0.05, fill)
 
@@ -227,7 +228,8 @@ class ToyWorld:
         if out.exists():
             raise FileExistsError(f"{out} already exists; remove it or pick another folder")
         tmp = out.with_name(out.name + ".partial")
-        tmp.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted earlier write's files must not end up in `out`
+        tmp.mkdir(parents=True)
         with open(tmp / "metadata.jsonl", "w") as meta:
             for i in range(start, start + n):
                 s = self[i]
