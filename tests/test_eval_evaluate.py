@@ -183,6 +183,7 @@ def test_evaluate_fid_kid_against_a_reference_folder(ldm, prompt_file, tmp_path)
     assert {"fid", "kid", "kid_std", "fid_reference_num"} <= set(row) and row["fid_reference_num"] == 6
     # the row records how FID/KID were measured: resize mode, Inception precision, KID subset size (capped at 4)
     assert (row["fid_antialias"], row["inception_dtype"], row["kid_subset_size"]) == (False, "float32", 4)
+    assert row["fid_reference"] == "6 png files, center-cropped, PIL bicubic to 16 px"
     assert row["fid"] > 0 and math.isfinite(row["kid"])
 
     files = list_images(ref_dir)

@@ -28,6 +28,7 @@ HPS checkpoint is given; ``fid, kid`` whenever a reference folder or Inception w
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -214,6 +215,7 @@ class MetricSuite:
             self.inception = InceptionMetrics(inception, device=self.device, kid="kid" in self.metrics,
                                               **(fid_options or {}))
         self._toy_refs: list = []  # [(vae, floor sample size, ToyReference)]
+        self.fid_reference: str | None = None  # how the FID/KID reference was prepared, for the rows
         self._fid_ref_size = None
 
     @staticmethod
@@ -254,14 +256,19 @@ class MetricSuite:
             from .toy import real_images
 
             images, _ = real_images(self.reference_num)
+            self.fid_reference = f"held-out toy images (rendered, lossless), {images.shape[-1]} px"
             if images.shape[-1] != size:
                 images = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic",
                                                          antialias=True, align_corners=False).clamp(0, 1)
+                self.fid_reference += f", bicubic (antialiased) to {size} px"
             self.inception.update(images, real=True)
         else:
             for start in range(0, len(self.reference_files), self.batch_size):
                 chunk = self.reference_files[start:start + self.batch_size]
                 self.inception.update(load_reference_images(chunk, size), real=True)
+            formats = collections.Counter(p.suffix.lower().lstrip(".") for p in self.reference_files)
+            self.fid_reference = (", ".join(f"{n} {ext}" for ext, n in sorted(formats.items()))
+                                  + f" files, center-cropped, PIL bicubic to {size} px")
         self._fid_ref_size = size
 
     # -- one evaluation
@@ -337,6 +344,7 @@ class _Accumulator:
                 out.update(kid=res["kid"], kid_std=res["kid_std"], kid_subset_size=res["kid_subset_size"])
             # the settings FID/KID figures depend on, so that a row says how it was measured
             out["fid_reference_num"] = res["num_real"]
+            out["fid_reference"] = s.fid_reference  # file formats and resize: FID figures depend on both
             out["fid_antialias"] = s.inception.antialias  # false: TF-compatible bilinear resize to 299 px
             dtype = s.inception.inception_dtype
             out["inception_dtype"] = None if dtype is None else str(dtype).removeprefix("torch.")

@@ -12,7 +12,7 @@ One training step, for a batch of clean latents ``z`` with text conditioning ``c
    ``x_s = alpha_s x0 + sigma_s eps`` (LCM eq. 8 with the DDIM solver);
 5. target ``f_{theta^-}(x_s, s, w, c)`` without gradient, from the EMA target network;
 6. loss ``d(f_theta(x_t, t, w, c), target)``, ``d`` = l2 or the elementwise pseudo-Huber of the diffusers
-   LCD scripts (REFERENCE §1; unlike iCT's, which is taken on each sample's l2 norm).
+   LCD scripts (``train_lcm_distill_*_wds.py``; unlike iCT's, which is taken on each sample's l2 norm).
 
 ``f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t)`` uses :func:`lcm_boundary_scalings` and
 :func:`to_x0` from the core: the same functions the LCM sampler and the exported LCMScheduler use.
