@@ -136,7 +136,8 @@ def run_demo(out_dir: Path, num_samples: int = 1000, overrides: Sequence[str] = 
         f"Distillation: {train_seconds / 60:.1f} min ({cfg.train.max_steps} steps, batch {cfg.train.batch_size}, "
         f"{torch.get_num_threads()} threads). Model: `{model_dir}`.\n\n{table}\n"
         "FD: judge-feature Fréchet distance to VAE reconstructions of held-out images (fd_floor: the same "
-        "between two sets of reconstructions); clip: toy-clip score; accuracy: share of prompts with every attribute right (judge).\n\n"
+        "between two sets of reconstructions); clip: toy-clip score; accuracy: share of prompts with every "
+        "attribute right (judge).\n\n"
         f"## Checks\n\n{check_lines}\n\n"
         f"Comparison grid `{comparison.name}`: {report['comparison_layout']}.\n"))
     print()

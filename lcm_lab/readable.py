@@ -12,9 +12,9 @@ def reading(path: str | os.PathLike, what: str):
 
     Missing files (``FileNotFoundError``, whose messages already say where to get them) and missing
     packages (``ImportError``) pass through unchanged; a folder that diffusers or transformers find
-    without weights (their ``OSError`` "no file named ...") becomes a ``FileNotFoundError`` saying so. Only the first line of the original message is
-    kept: torch's unpickling error goes on to suggest ``weights_only=False``, which is not the fix for a
-    corrupt file.
+    without weights (their ``OSError`` "no file named ...") becomes a ``FileNotFoundError`` saying
+    so. Only the first line of the original message is kept: torch's unpickling error goes on to
+    suggest ``weights_only=False``, which is not the fix for a corrupt file.
     """
     try:
         yield

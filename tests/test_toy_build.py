@@ -72,7 +72,8 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_all(cfg)
     monkeypatch.setattr(build._Trainer, "update", update)
-    with pytest.raises(ValueError, match=r"judge_ckpt.pt holds the judge stage of a build with judge_batch=8 \(now 16\)"):
+    with pytest.raises(ValueError, match=r"judge_ckpt.pt holds the judge stage of a build with judge_batch=8 "
+                                         r"\(now 16\)"):
         build_all(tiny(tmp_path, judge_batch=16))
 
 

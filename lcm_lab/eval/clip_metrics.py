@@ -8,8 +8,9 @@
 
 The scores themselves are never re-implemented here: this module loads the reward models and
 aggregates their per-image outputs. They resize with antialiasing, as the PIL preprocessing the
-models were published with (the rewards' default, used for training too). The CLIP score clamps each pair at 0, as Hessel et al.; torchmetrics' ``CLIPScore``
-clamps the mean instead (the same value unless some cosines are negative).
+models were published with (the rewards' default, used for training too). The CLIP score clamps
+each pair at 0, as Hessel et al.; torchmetrics' ``CLIPScore`` clamps the mean instead (the same
+value unless some cosines are negative).
 """
 
 from __future__ import annotations
