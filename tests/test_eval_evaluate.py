@@ -190,6 +190,12 @@ def test_evaluate_fid_kid_against_a_reference_folder(ldm, prompt_file, tmp_path)
     assert len(files) == 6
     ref = load_reference_images(files, 16)
     assert ref.shape == (6, 3, 16, 16) and ref.dtype == torch.uint8
+    from PIL import Image
+
+    for file, got in zip(files, ref):  # written out with PIL: a centred 20 px square, bicubic to 16 px
+        with Image.open(file) as img:
+            expected = img.convert("RGB").crop((2, 0, 22, 20)).resize((16, 16), Image.BICUBIC)
+        assert torch.equal(got, torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1))
     (ref_dir / "real_9.png").write_bytes(b"\x89PNG truncated")  # a damaged reference file is named, not skipped
     with pytest.raises(ValueError, match=r"cannot read reference image .*real_9.png"):
         load_reference_images(list_images(ref_dir), 16)
@@ -265,6 +271,57 @@ def test_write_metrics_atomic_json_and_markdown(tmp_path):
     assert lines[3].endswith("| 0.5 |  | True |")
     assert format_table(rows) == md_path.read_text()
     assert not _tmp_leftovers(tmp_path)
+
+
+def test_toy_metrics_against_independent_computations():
+    """prompt_accuracy counts an image only when the judge reads every attribute as prompted; the toy FD
+    compares judge features with those of VAE reconstructions of real eval images [0, num), fd_real with the
+    real images, and the floors use a second set [num, num + num_b)."""
+    from diffusers import AutoencoderKL
+
+    from lcm_lab.eval.frechet import fd_between
+    from lcm_lab.eval.toy import eval_prompts, prompt_accuracy, real_images, toy_metrics, toy_reference
+    from lcm_lab.models.sd import toy_teacher_dir
+    from lcm_lab.toy.judge import AttributeJudge
+    from lcm_lab.toy.world import ATTRIBUTE_NAMES, ATTRIBUTES, attribute_labels
+
+    _, attrs = eval_prompts(4)
+    labels = torch.tensor([attribute_labels(a) for a in attrs])
+    pred = labels.clone()
+    first, third = ATTRIBUTE_NAMES[0], ATTRIBUTE_NAMES[2]
+    pred[1, 0] = (pred[1, 0] + 1) % len(ATTRIBUTES[first])  # image 1: one attribute wrong
+    pred[2, 2] = (pred[2, 2] + 1) % len(ATTRIBUTES[third])  # image 2: another one wrong
+
+    class Stub:
+        def predict(self, images):
+            return pred[:len(images)]
+
+    acc = prompt_accuracy(Stub(), torch.zeros(4, 3, 32, 32), attrs)
+    assert acc["accuracy"] == 0.5 and acc[f"acc_{first}"] == 0.75 and acc[f"acc_{third}"] == 0.75
+    assert all(acc[f"acc_{k}"] == 1.0 for k in ATTRIBUTE_NAMES if k not in (first, third))
+
+    torch.manual_seed(0)
+    judge = AttributeJudge().eval()
+    vae = AutoencoderKL.from_pretrained(toy_teacher_dir() / "vae").eval()
+
+    def feats(x):
+        with torch.no_grad():
+            return judge.features(x)
+
+    def recon(x):
+        with torch.no_grad():
+            return (vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample / 2 + 0.5).clamp(0, 1)
+
+    real_a, real_b = real_images(6)[0], real_images(4, start=6)[0]
+    ref = toy_reference(judge, vae, 6, 4)
+    close = dict(rel=1e-5, abs=1e-6)
+    assert ref.floors["fd_floor"] == pytest.approx(fd_between(feats(recon(real_b)), feats(recon(real_a))), **close)
+    assert ref.floors["fd_real_floor"] == pytest.approx(fd_between(feats(real_b), feats(real_a)), **close)
+    assert ref.floors["fd_vae"] == pytest.approx(fd_between(feats(recon(real_b)), feats(real_a)), **close)
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    row = toy_metrics(judge, ref, images, eval_prompts(5)[1])
+    assert row["fd"] == pytest.approx(fd_between(feats(images), feats(recon(real_a))), **close)
+    assert row["fd_real"] == pytest.approx(fd_between(feats(images), feats(real_a)), **close)
 
 
 def test_toy_metrics_path_with_random_toy_models(clip_dir, tmp_path_factory):

@@ -153,6 +153,37 @@ def test_lrm_mode_keeps_the_vae_decoder_out_of_the_student_gradient(tmp_path):
     assert {"lrm_loss", "lrm_pairwise_acc", "expert_reward"} <= set(step_logs)
 
 
+def test_lrm_reward_term_is_the_proxy_score_of_the_prediction_and_trains_the_student(tmp_path):
+    """The reward is the frozen LRM's mean score of the student's single-step prediction, and its gradient
+    reaches the student: d loss = d consistency_loss(pred, target) - beta d mean LRM(pred), by autograd."""
+    from accelerate import Accelerator
+
+    from lcm_lab.objectives.lcd import consistency_loss
+
+    task = make_task(tmp_path, TOY_LRM)
+    task.setup(Accelerator(cpu=True), channels_last="none")
+    seen = {}
+    objective = task.rg_objective
+
+    def recording(student, target, latents, cond, prompts, generator=None):
+        loss, logs = objective(student, target, latents, cond, prompts, generator)
+        seen.update(logs=logs, cond=cond.encoder_hidden_states)
+        return loss, logs
+
+    task.rg_objective = recording
+    loss, _ = task.loss(task.student, next(task.batches(0, 0)), step_generator(0, 0, 0))
+    logs, beta, ocfg = seen["logs"], task.config.reward.reward_scale, task.config.objective
+    score = task.lrm(logs["pred"], seen["cond"]).mean()
+    assert float(logs["reward"]) == pytest.approx(score.detach().item(), abs=1e-6)
+    param = dict(task.student.named_parameters())["conv_out.weight"]
+    (reward_grad,) = torch.autograd.grad(score, param, retain_graph=True)
+    assert reward_grad.abs().sum() > 0
+    expected = consistency_loss(logs["pred"], logs["target"], ocfg.loss_type, ocfg.huber_c) - beta * score
+    (got,) = torch.autograd.grad(loss, param, retain_graph=True)
+    (want,) = torch.autograd.grad(expected, param)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+
 def test_lrm_update_gets_aligned_prediction_target_data_triplets(tmp_path):
     """The proxy's update sees, for each kept sample, the student's prediction, the LCD target (from the EMA
     target net) and the data latent of the SAME sample, with that sample's prompt and text states."""
@@ -194,7 +225,7 @@ def test_two_cpu_ranks_keep_identical_student_and_lrm(tmp_path):
     r0, r1, info = run_two_cpu_ranks(tmp_path, "rg_lcd")
     assert r0.keys() == r1.keys() and any(k.startswith("lrm.") for k in r0)
     assert all(torch.equal(r0[k], r1[k]) for k in r0), [k for k in r0 if not torch.equal(r0[k], r1[k])][:5]
-    assert info["world_size"] == 2 and info["batches_differ"]
+    assert info["world_size"] == 2 and info["batches_differ"] and info["losses_differ"]
     assert info["changed"] == {"student": True, "lrm": True}
 
 

@@ -256,19 +256,6 @@ def test_lora_lcd_on_sdxl_teacher(teacher_dir, data_dir, tmp_path):
     assert image.shape == (1, 3, R, R) and torch.isfinite(image).all()
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state whose mixed precision cannot change; start and leave it fresh
-    (what accelerate's own test cases do between tests)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize("teacher", ["sdxl", "toy_sd"])
 def test_full_lcd_under_mixed_precision(teacher, teacher_dir, data_dir, tmp_path):

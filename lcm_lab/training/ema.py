@@ -12,7 +12,8 @@ class EMA:
 
     The shadow lives in a module of its own (``self.model``, e.g. the LCD target network), so it can be
     called like any network. For a LoRA student the frozen base weights are shared with the online
-    model instead of copied, and only the adapter weights are averaged.
+    model instead of copied, and only the adapter weights are averaged: A and B each, so the target's
+    update is EMA(B) EMA(A), not the EMA of the product B A (the two agree while the adapters change slowly).
 
     Args:
         online: the trained module (unwrapped, not DDP).

@@ -9,8 +9,9 @@ EMA of the adapters (the option diffusers issue #6505 asks for).
 SDXL teachers (a folder with ``text_encoder_2/``, :func:`~lcm_lab.models.sdxl.is_sdxl_dir`) are loaded with
 :func:`~lcm_lab.models.sdxl.load_sdxl`. Captions are encoded with both text encoders and the fixed
 micro-conditioning ``original_size = target_size = (R, R)``, ``crop_top_left = (0, 0)`` (R =
-``data.resolution``; the loaders resize and center-crop to R, so this is what the images are; diffusers'
-``--use_fix_crop_and_size``); the unconditional branch is zero text and pooled embeddings with the
+``data.resolution``): diffusers' ``--use_fix_crop_and_size``, as its SDXL README recipe trains, not the
+source images' own sizes and crop offsets (which the loaders, resizing and center-cropping to R, do not
+keep); the unconditional branch is zero text and pooled embeddings with the
 per-sample conditional ``time_ids`` (:func:`~lcm_lab.models.sdxl.sdxl_uncond`). A VAE whose config asks for
 ``force_upcast`` (SDXL's own, which overflows in fp16) stays in float32 under mixed precision. Export is a
 stock ``StableDiffusionXLPipeline`` folder with an ``LCMScheduler`` (full) or an SDXL LoRA file.
@@ -152,6 +153,12 @@ class LCDTask:
             self.ldm.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16 (diffusers keeps it fp32 too)
         self.ldm.schedule = self.ldm.schedule.to(device)
         self.student.to(device)
+        if self.config.model.lora and dtype != torch.float32:
+            # The frozen base in the mixed-precision dtype, as diffusers' LoRA script: only the adapters stay
+            # float32 (the trainer keeps trainable weights float32). The EMA target shares these tensors.
+            for p in self.student.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
         if self.ema is not None:
             self.ema.model.to(device)
         target = self.ema.model if self.ema is not None else None
@@ -219,7 +226,7 @@ class LCDTask:
         return Conditioning(self.ldm.encode_prompts(texts, allow_empty=True, truncate=True))
 
     def _encode_sdxl(self, texts: list[str]) -> Conditioning:
-        """SDXL conditioning with the true micro-conditioning of the R x R resized, center-cropped images."""
+        """SDXL conditioning with the fixed micro-conditioning of R x R images (``--use_fix_crop_and_size``)."""
         r = self.config.data.resolution
         return self.ldm.text.encode(texts, original_size=(r, r), crop_top_left=(0, 0), target_size=(r, r))
 

@@ -130,9 +130,12 @@ class RGLCDTask(LCDTask):
         rcfg = self.config.reward
         if rcfg.lrm_pretrain_steps == 0:
             return
-        skipped = self.skipped
-        logs = pretrain_lrm(self.lrm_trainer, self._pretrain_batches(), rcfg.lrm_pretrain_steps,
-                            lr=rcfg.lrm_pretrain_lr, progress=self.accelerator.is_local_main_process)
+        skipped, batches = self.skipped, self._pretrain_batches()
+        try:
+            logs = pretrain_lrm(self.lrm_trainer, batches, rcfg.lrm_pretrain_steps,
+                                lr=rcfg.lrm_pretrain_lr, progress=self.accelerator.is_local_main_process)
+        finally:
+            batches.close()  # its data loader's workers stop now, not at the end of the run
         self.skipped = skipped  # pre-training reads the loop's own batches: the loop counts their skips
         tail = logs[-min(len(logs), 20):]
         self.accelerator.print(f"LRM pre-trained for {len(logs)} steps: loss "

@@ -2,9 +2,9 @@
 
     ddp_lcd.py OUT [lcd|rg_lcd]
 
-Writes each rank's student (and, for rg_lcd, latent reward model) parameters to OUT/rank<r>.safetensors and,
-from rank 0, OUT/ranks.json (world size, whether the ranks drew different data, whether training changed
-the weights).
+Writes each rank's student (and, for rg_lcd, latent reward model) parameters to OUT/rank<r>.safetensors, the
+captions and loss of the first micro-batch that rank trained on to OUT/rank<r>.json, and, from rank 0,
+OUT/ranks.json (world size, whether training changed the weights).
 """
 
 import json
@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import save_file
 
 from lcm_lab.training import load_method_config
-from lcm_lab.training.data import StepBatchSampler
 from lcm_lab.training.lcd import LCDTask
 from lcm_lab.training.rg_lcd import RGLCDTask
 from lcm_lab.training.trainer import train
@@ -39,12 +38,24 @@ def parameters(net: str) -> dict[str, torch.Tensor]:
 
 
 before = {net: parameters(net) for net in nets}
+first = {}
+task_loss = task.loss
+
+
+def recording_loss(student, batch, generator):  # what this rank actually trains on
+    loss, logs = task_loss(student, batch, generator)
+    if not first:
+        first.update(texts=list(batch[2] if isinstance(batch, tuple) else batch["text"]), loss=float(loss))
+    return loss, logs
+
+
+task.loss = recording_loss
 train(cfg.train, task)
 rank = task.accelerator.process_index
 after = {net: parameters(net) for net in nets}
 save_file({k: v for params in after.values() for k, v in params.items()}, out / f"rank{rank}.safetensors")
+(out / f"rank{rank}.json").write_text(json.dumps(first))
 if rank == 0:
     info = {"world_size": task.accelerator.num_processes,
-            "batches_differ": StepBatchSampler(16, 4, 0, 0).batch(0) != StepBatchSampler(16, 4, 0, 1).batch(0),
             "changed": {net: any(not torch.equal(before[net][k], v) for k, v in after[net].items()) for net in nets}}
     (out / "ranks.json").write_text(json.dumps(info))

@@ -22,7 +22,8 @@ def free_port() -> int:
 
 def run_two_cpu_ranks(out: Path, method: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """Train ``method`` ("lcd" or "rg_lcd") for a few steps on two gloo ranks; returns rank 0's and rank 1's
-    parameters and rank 0's ``ranks.json``.
+    parameters and rank 0's ``ranks.json``, with ``batches_differ`` / ``losses_differ``: whether the first
+    micro-batches the two ranks trained on had different captions / losses.
 
     ``accelerate launch --cpu --num_processes 2`` silently runs one process, hence
     ``--multi_gpu`` with ``ACCELERATE_USE_CPU``.
@@ -34,4 +35,7 @@ def run_two_cpu_ranks(out: Path, method: str) -> tuple[dict[str, torch.Tensor], 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # two processes on a busy 2-core machine
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((out / "ranks.json").read_text())
+    first = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    info.update(batches_differ=first[0]["texts"] != first[1]["texts"],
+                losses_differ=first[0]["loss"] != first[1]["loss"])
     return load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors"), info
