@@ -176,6 +176,13 @@ def test_fid_kid_helper_and_uint8_input(inception64):
     out = fid_kid(base, [fidmod.to_uint8_tensor(noisy(base, 0.2))[:2], noisy(base, 0.2)[2:]],
                   feature=64, kid_subsets=2, inception=inception64)
     assert out["num_real"] == out["num_fake"] == 4 and out["fid"] > 0 and math.isfinite(out["kid"])
+    # the uint8 chunk counts as the same images as their float form: one accumulator over all of them
+    ref = InceptionMetrics(feature=64, kid_subsets=2, inception=inception64)
+    ref.update(base, real=True)
+    ref.update(noisy(base, 0.2), real=False)
+    want = ref.compute()
+    assert math.isclose(out["fid"], want["fid"], rel_tol=1e-9)
+    assert math.isclose(out["kid"], want["kid"], rel_tol=1e-9, abs_tol=1e-15)
 
 
 def test_images_outside_unit_range_are_an_error():

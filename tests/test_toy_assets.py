@@ -49,6 +49,45 @@ def test_stock_pipeline_loads_and_matches_our_ddim(ldm):
     assert (images[5.0] - images[0.5]).abs().max() > 0.05  # guidance changed the images
 
 
+def test_img2img_matches_a_diffusers_loop(ldm):
+    """generate(images=..., strength=...) with DDIM equals StableDiffusionImg2ImgPipeline's steps written out
+    with the stock scheduler: the posterior mode of the init image (ours; the pipeline samples the posterior),
+    the grid trimmed by strength, add_noise at its first timestep with per-seed noise, CFG, decode."""
+    from diffusers import DDIMScheduler
+
+    from lcm_lab.generation import generate
+
+    prompts, seeds, guidance, strength = [PROMPT, "a small blue square on the top"], [3, 4], 5.0, 0.5
+    init = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ours = generate(ldm, prompts, seeds, sampler="ddim", steps=6, guidance_scale=guidance, images=init,
+                    strength=strength, progress=False)
+
+    sched = DDIMScheduler.from_pretrained(toy_teacher_dir() / "scheduler")
+    sched.set_timesteps(6)
+    start = 6 - min(int(6 * strength), 6)  # StableDiffusionImg2ImgPipeline.get_timesteps
+    timesteps = sched.timesteps[start * sched.order:]
+    vae, unet, sf = ldm.vae, ldm.unet, ldm.vae.config.scaling_factor
+
+    def embed(texts):
+        ids = ldm.tokenizer(texts, padding="max_length", max_length=ldm.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+        return ldm.text_encoder(ids)[0]
+
+    with torch.no_grad():
+        clean = vae.encode(init * 2 - 1).latent_dist.mode() * sf
+        noise = torch.cat([torch.randn((1, *clean.shape[1:]), generator=torch.Generator().manual_seed(s))
+                           for s in seeds])
+        latents = sched.add_noise(clean, noise, timesteps[:1].repeat(2))
+        text = torch.cat([embed(["", ""]), embed(prompts)])
+        for t in timesteps:
+            eps_u, eps_c = unet(torch.cat([latents, latents]), t, encoder_hidden_states=text).sample.chunk(2)
+            latents = sched.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
+        ref = (vae.decode(latents / sf).sample / 2 + 0.5).clamp(0, 1)
+    assert len(timesteps) == 3 and (ours - ref).abs().max() < 1e-4
+    assert (ours - generate(ldm, prompts, seeds, sampler="ddim", steps=6, guidance_scale=guidance,
+                            progress=False)).abs().max() > 0.05  # the init images mattered
+
+
 def test_per_seed_images_do_not_depend_on_batch(ldm):
     from lcm_lab.generation import generate
 
