@@ -162,6 +162,42 @@ def test_eval_cli_writes_rows_per_step_and_images(tiny_sd, clip_dir, prompt_file
         parser.parse_args(["eval", "--steps", "1,x"])
 
 
+def test_eval_resume_reuses_finished_rows_only(tiny_sd, prompt_file, tmp_path, monkeypatch):
+    """`--resume` returns the rows of an interrupted run that have this run's settings and metrics without
+    generating again, and computes the rest; without it every row is computed anew."""
+    import lcm_lab.generation as generation
+    from lcm_lab.eval.commands import add_eval_parser
+    from lcm_lab.eval.evaluate import read_rows
+
+    parser = argparse.ArgumentParser(prog="lcm-lab")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "out"
+
+    def run(*extra):
+        args = parser.parse_args(["eval", "--model", str(tiny_sd), "--sampler", "tcd", "--num-samples", "2",
+                                  "--prompts", str(prompt_file), "--metrics", "", "--out", str(out),
+                                  "--no-progress", "--device", "cpu", *extra])
+        assert args.func(args) == 0
+        return read_rows(out / "metrics.json")
+
+    first = run("--steps", "1,2")
+    calls = []
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(k["steps"]) or real(*a, **k))
+    assert run("--steps", "1,2", "--resume") == first and calls == []  # sec_per_image included: reused
+    rows = run("--steps", "2,3", "--resume")  # step 3 is new
+    assert rows[0] == first[1] and rows[1]["steps"] == 3 and calls == [3, 3]  # warm-up image, then the batch
+    calls.clear()
+    rows = run("--steps", "2", "--resume", "--gamma", "0.7")  # another TCD gamma is another row
+    assert rows[0]["gamma"] == 0.7 and calls == [2, 2]
+    calls.clear()
+    run("--steps", "2")  # no --resume: computed anew
+    assert calls == [2, 2]
+    (out / "metrics.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot resume from .*metrics.json"):
+        run("--steps", "2", "--resume")
+
+
 def test_evaluate_fid_kid_against_a_reference_folder(ldm, prompt_file, tmp_path):
     from lcm_lab.eval.fid import INCEPTION_FILE, InceptionMetrics
     from lcm_lab.generation import generate

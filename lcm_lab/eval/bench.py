@@ -131,7 +131,7 @@ def bench_quality(models: Sequence, samplers: Sequence[str], steps_list: Sequenc
                   *, prompt_set="toy", num_samples: int | None = None, seeds: int = 0, guidance: float | None = None,
                   metrics: Sequence[str] | None = None, batch_size: int = 32, device: str | None = None,
                   gamma: float = 0.3, truncate: bool = False, save_images: bool = False, progress: bool = True,
-                  suite: MetricSuite | None = None, **suite_options) -> list[dict]:
+                  suite: MetricSuite | None = None, resume: bool = False, **suite_options) -> list[dict]:
     """Evaluate every (model, sampler, steps); write ``results.json``, ``results.md`` and plots.
 
     Args:
@@ -143,15 +143,17 @@ def bench_quality(models: Sequence, samplers: Sequence[str], steps_list: Sequenc
             seeds: rows differ only by model, sampler and steps).
         suite / suite_options: a prepared :class:`~lcm_lab.eval.evaluate.MetricSuite`, or its
             keyword arguments (``clip``, ``hps``, ``inception``, ``reference``, ...).
+        resume: reuse the rows of ``out_dir/results.json`` with the same settings and metrics.
 
     Returns:
         the rows (also in ``results.json``); results are rewritten after every row, so an
         interrupted run keeps what it finished.
     """
     from ..models.sd import load_ldm
-    from .evaluate import _default_device, resolve_prompts
+    from .evaluate import _default_device, read_rows, resolve_prompts
 
     out = Path(out_dir)
+    previous = read_rows(out / "results.json") if resume else []
     device = device or _default_device()
     rows: list[dict] = []
     names = _model_names(models)
@@ -166,7 +168,7 @@ def bench_quality(models: Sequence, samplers: Sequence[str], steps_list: Sequenc
                 images_dir = out / "images" / name.replace(os.sep, "_") / f"{sampler}-{steps}" if save_images else None
                 row = evaluate(ldm, sampler, int(steps), pset, num_samples, seeds, guidance, batch_size=batch_size,
                                suite=suite, save_images_dir=images_dir, progress=progress, name=name, gamma=gamma,
-                               truncate=truncate)
+                               truncate=truncate, resume_from=previous)
                 rows.append(row)
                 write_results(rows, out)
     return rows

@@ -70,6 +70,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--save-images", action="store_true", help="also write every image as PNG (+ captions.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the rows of OUT's results that have this run's settings and metrics (an "
+                        "interrupted run continues where it stopped); otherwise every row is computed anew")
 
 
 def _add_metric_args(p: argparse.ArgumentParser) -> None:
@@ -134,7 +137,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Handler of ``lcm-lab eval``: one row per step count in ``--steps``."""
     from ..generation import DEFAULT_STEPS
     from ..models.sd import load_ldm
-    from .evaluate import MetricSuite, _default_device, evaluate, format_table, resolve_prompts, write_metrics
+    from .evaluate import (MetricSuite, _default_device, evaluate, format_table, read_rows, resolve_prompts,
+                           write_metrics)
 
     out = Path(args.out)
     ldm = load_ldm(args.model, device=args.device or _default_device())
@@ -142,12 +146,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pset = resolve_prompts(args.prompts, num, ldm.tokenizer, args.per_style)
     _print_notes(pset)
     suite = MetricSuite(args.metrics, toy=pset.name == "toy", device=ldm.device, **_suite_options(args))
+    previous = read_rows(out / "metrics.json") if args.resume else []
     rows = []
     for steps in args.steps or [DEFAULT_STEPS[args.sampler]]:
         images_dir = out / "images" / f"{args.sampler}-{steps}" if args.save_images else None
         row = evaluate(ldm, args.sampler, steps, pset, num, args.seed, args.guidance, batch_size=args.batch_size,
                        suite=suite, save_images_dir=images_dir, truncate=args.truncate, gamma=args.gamma,
-                       progress=not args.no_progress, name=args.name)
+                       progress=not args.no_progress, name=args.name, resume_from=previous)
         rows.append(row)
         json_path, md_path = write_metrics(rows, out)  # after every row: an interrupted run keeps its rows
     print(format_table(rows), end="")
@@ -206,8 +211,8 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     rows = bench_quality(args.models or [None], args.samplers, args.steps, args.out, prompt_set=args.prompts,
                          num_samples=num, seeds=args.seed, guidance=args.guidance, metrics=args.metrics,
                          batch_size=args.batch_size, device=args.device, gamma=args.gamma, truncate=args.truncate,
-                         save_images=args.save_images,
-                         progress=not args.no_progress, per_style=args.per_style, **options)
+                         save_images=args.save_images, progress=not args.no_progress, per_style=args.per_style,
+                         resume=args.resume, **options)
     print(format_table(rows), end="")
     print(f"wrote {Path(args.out) / 'results.json'}, results.md and plots to {args.out}")
     return 0

@@ -107,6 +107,21 @@ def write_metrics(rows: Sequence[dict], out_dir: str | os.PathLike, stem: str = 
     return json_path, md_path
 
 
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a ``metrics.json`` / ``results.json`` written by :func:`write_metrics`; none if the file is
+    missing. A file that is not such a list raises ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot resume from {path}: {exc}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"cannot resume from {path}: not a list of result rows")
+    return rows
+
+
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files (png/jpg/jpeg/webp/bmp) directly in ``folder``, sorted by name."""
     root = Path(folder)
@@ -386,7 +401,8 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
              batch_size: int = 32, *, suite: MetricSuite | None = None, device: str | torch.device | None = None,
              clip=None, hps=None, inception=None, reference=None, reference_num: int = 1000,
              per_style: int | None = None, truncate: bool = False, gamma: float = 0.3, warmup: bool = True,
-             progress: bool = True, name: str | None = None, fid_options: dict | None = None) -> dict:
+             progress: bool = True, name: str | None = None, fid_options: dict | None = None,
+             resume_from: Sequence[dict] = ()) -> dict:
     """Generate ``num_samples`` images with one sampler setting and measure them: one row.
 
     Args:
@@ -412,6 +428,8 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         warmup: generate one untimed, unscored image first so ``sec_per_image`` excludes
             one-time costs.
         name: the ``model`` column (default: the folder path).
+        resume_from: rows of an earlier run (e.g. :func:`read_rows`): one with this row's settings and every
+            requested metric is returned as it is, without generating anything.
 
     Returns:
         ``{model, sampler, steps, guidance, num_samples, seed, prompt_set, <metrics>..., sec_per_image}``
@@ -457,6 +475,12 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
     if suite is None:
         suite = MetricSuite(metrics, toy=toy, device=device, clip=clip, hps=hps, inception=inception,
                             reference=reference, reference_num=reference_num, fid_options=fid_options)
+    settings = {"model": name or str(ldm.path), "sampler": sampler, "steps": int(steps), "guidance": float(guidance),
+                "num_samples": n, "seed": seed_list[0], "prompt_set": pset.name,
+                **({"gamma": float(gamma)} if sampler == "tcd" else {})}
+    for old in resume_from:
+        if all(old.get(k) == v for k, v in settings.items()) and all(m in old for m in suite.metrics):
+            return dict(old)
     acc = suite.start(vae=ldm.vae, image_size=ldm.image_size, num_samples=n)
     out_dir = Path(save_images_dir) if save_images_dir is not None else None
     if out_dir is not None:
@@ -485,9 +509,7 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         if out_dir is not None:
             for j, image in enumerate(images.cpu()):
                 save_grid(image[None], out_dir / f"{start + j:05d}.png")
-    row = {"model": name or str(ldm.path), "sampler": sampler, "steps": int(steps), "guidance": float(guidance),
-           "num_samples": n, "seed": seed_list[0],
-           "prompt_set": pset.name}
+    row = dict(settings)
     row.update(acc.result())
     row["sec_per_image"] = gen_seconds / n
     if out_dir is not None:
