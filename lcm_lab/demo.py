@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -55,17 +54,9 @@ def demo_checks(rows: dict[str, dict]) -> list[dict]:
 
 def _copy_model(src: Path, dst: Path) -> Path:
     """Copy the exported pipeline folder into place atomically."""
-    tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():  # swap: the previous model is removed only once the new one is in place
-        old = dst.with_name(dst.name + f".old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dst)
-    return dst
+    from .pipelines.export import write_folder_atomically
+
+    return write_folder_atomically(dst, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
 
 
 def run_demo(out_dir: Path, num_samples: int = 1000, overrides: Sequence[str] = (), num_prompts: int = 8,

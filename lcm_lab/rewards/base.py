@@ -252,7 +252,9 @@ class RewardModel(torch.nn.Module):
 
 def float32_head(head: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
     """``head(features)`` in float32 with autocast off, as the reference scorers run their small heads
-    (the aesthetic MLP, ImageReward's MLP) whatever the backbone's dtype or a caller's mixed precision."""
+    (the aesthetic MLP, ImageReward's MLP) whatever the backbone's dtype or a caller's mixed precision.
+    Casting the input alone would not do: autocast would still run the head's linears in half precision.
+    The latent reward model's towers run this way too."""
     with torch.autocast(features.device.type, enabled=False):
         return head(features.float())
 

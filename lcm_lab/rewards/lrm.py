@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..readable import reading
+from .base import float32_head
 
 __all__ = ["LRM_ARCHS", "LatentRewardModel", "pairwise_kl_loss", "listwise_kl_loss", "pairwise_accuracy", "LRMTrainer",
            "pretrain_lrm"]
@@ -116,12 +117,6 @@ class TextStatePooler(nn.Module):
         return self.proj(h)
 
 
-def _float32(x: torch.Tensor) -> torch.autocast:
-    """Autocast off on ``x``'s device: casting the inputs alone would still let autocast run the
-    convolutions and linears in half precision."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
 class LatentRewardModel(nn.Module):
     """CLIP-like reward on latents: ``cos(image_tower(latents), text_tower(text_states))`` in ``[-1, 1]``.
 
@@ -154,12 +149,10 @@ class LatentRewardModel(nn.Module):
         return cls(text_dim, latent_channels, **size)
 
     def encode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        with _float32(latents):
-            return F.normalize(self.image_tower(latents.float()), dim=-1)
+        return F.normalize(float32_head(self.image_tower, latents), dim=-1)
 
     def encode_text(self, text_states: torch.Tensor) -> torch.Tensor:
-        with _float32(text_states):
-            return F.normalize(self.text_tower(text_states.float()), dim=-1)
+        return F.normalize(float32_head(self.text_tower, text_states), dim=-1)
 
     def forward(self, latents: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
         """Cosine scores ``[B]`` of scaled latents ``[B, C, h, w]`` against text states ``[B, L, D]``."""

@@ -100,9 +100,7 @@ def _check_work_cache(cfg: BuildConfig, stage: str) -> None:
                                "use another --work-dir (or delete that folder's caches to rebuild them)")
         return
     saved[stage] = _settings(cfg, stage)
-    tmp = record.with_name("settings.json.tmp")
-    tmp.write_text(json.dumps(saved, indent=2))
-    os.replace(tmp, record)
+    _write_json_atomic(saved, record)
 
 
 def _atomic_dir(final: Path):
@@ -122,6 +120,12 @@ def _atomic_dir(final: Path):
             return False
 
     return _Ctx()
+
+
+def _write_json_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -499,7 +503,5 @@ def build_all(cfg: BuildConfig) -> dict:
         "build": asdict(cfg),
         "last_run_seconds": timings,  # per stage, in the run that finished the build (0 if already done)
     }
-    tmp = out / "world.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / "world.json")
+    _write_json_atomic(manifest, out / "world.json")
     return manifest

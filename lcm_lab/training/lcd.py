@@ -176,7 +176,10 @@ class LCDTask:
                                                  progress=accelerator.is_local_main_process)
             self.skipped += skipped if accelerator.is_main_process else 0  # every process encodes the dataset
 
-    def batches(self, rank: int, start: int):
+    def batches(self, rank: int, start: int, *, count_skipped: bool = True):
+        """The data batches of ``rank`` from micro-step ``start`` on; batches without any readable image are
+        replaced by the next one and, with ``count_skipped``, counted (a second pass over the loop's own
+        batches, as the LRM pre-training makes, must not count them again)."""
         cfg = self.config
         if self.cache is not None:
             sampler = StepBatchSampler(len(self.cache), cfg.train.batch_size, cfg.train.seed, rank, start)
@@ -192,7 +195,7 @@ class LCDTask:
                     continue
                 # No readable image at all: count them and take the next batch in this step's place (a resumed
                 # run therefore sees the data order of an uninterrupted one only up to the first such batch).
-                self.skipped += batch["skipped"]
+                self.skipped += batch["skipped"] if count_skipped else 0
                 empty_in_a_row += 1
                 if empty_in_a_row >= epoch:
                     raise ValueError(f"no readable image in {empty_in_a_row} batches in a row (an epoch of the "

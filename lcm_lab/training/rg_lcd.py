@@ -130,13 +130,12 @@ class RGLCDTask(LCDTask):
         rcfg = self.config.reward
         if rcfg.lrm_pretrain_steps == 0:
             return
-        skipped, batches = self.skipped, self._pretrain_batches()
+        batches = self._pretrain_batches()
         try:
             logs = pretrain_lrm(self.lrm_trainer, batches, rcfg.lrm_pretrain_steps,
                                 lr=rcfg.lrm_pretrain_lr, progress=self.accelerator.is_local_main_process)
         finally:
             batches.close()  # its data loader's workers stop now, not at the end of the run
-        self.skipped = skipped  # pre-training reads the loop's own batches: the loop counts their skips
         tail = logs[-min(len(logs), 20):]
         self.accelerator.print(f"LRM pre-trained for {len(logs)} steps: loss "
                                f"{sum(l['lrm_pretrain_loss'] for l in tail) / len(tail):.3f}, pairwise agreement "
@@ -149,7 +148,7 @@ class RGLCDTask(LCDTask):
         each training batch (the loop's data order; posterior samples drawn with seed ``train.seed + 1``)."""
         cfg = self.config
         rank, n = self.accelerator.process_index, cfg.reward.lrm_pretrain_batch_size
-        for i, batch in enumerate(self.batches(rank, 0)):
+        for i, batch in enumerate(self.batches(rank, 0, count_skipped=False)):  # the loop counts them
             gen = step_generator(cfg.train.seed + 1, rank, i)
             latents, texts, _ = self._latents_and_text(batch, gen)
             latents, texts = latents[:n], texts[:n]
