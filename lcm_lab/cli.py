@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", default=None, help="init image for img2img / restoration")
     s.add_argument("--strength", type=float, default=1.0, help="img2img strength in (0, 1]")
     s.add_argument("--truncate", action="store_true", help="truncate over-long prompts instead of failing")
-    s.add_argument("--out", default="sample.png", help="output PNG (a grid when several images)")
+    s.add_argument("--out", default="sample.png", help="output PNG, default sample.png (a grid when several images)")
     s.set_defaults(func=cmd_sample)
 
     d = sub.add_parser("demo", help="the main job on the embedded toy world")

@@ -100,8 +100,8 @@ def random_hflip(pixels: torch.Tensor, generator: torch.Generator | None = None)
 
 
 def _item(pixels: torch.Tensor | None, text, index: int) -> dict | None:
-    # An empty caption is skipped like a missing one: it would train the image as unconditional (use
-    # objective.proportion_empty_prompts for that on purpose), and a reward model cannot score it.
+    # An empty caption is skipped like a missing one: it would train the image as unconditional (the LCD
+    # config's top-level proportion_empty_prompts does that on purpose), and a reward model cannot score it.
     if pixels is None or not isinstance(text, str) or not text.strip():
         return None
     return {"pixel_values": pixels, "text": text, "index": int(index)}
