@@ -1,6 +1,7 @@
 """The toy-asset build is deterministic and an interrupted build resumes to the same weights."""
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from lcm_lab.toy import build
@@ -39,9 +40,22 @@ def test_build_is_deterministic_and_resumes(tmp_path, monkeypatch):
         build_all(b)
     assert not (tmp_path / "b" / "out" / "teacher").exists()  # nothing half-written
     monkeypatch.setattr(build._Trainer, "update", update)
+    # The resumed teacher trains against its checkpoint's text encoder, not one rebuilt from the seed: make the
+    # rebuilt one differ, and the build must still equal the uninterrupted one.
+    build_text_encoder = build.models.build_text_encoder
+
+    def another_text_encoder():
+        encoder = build_text_encoder()
+        with torch.no_grad():
+            for p in encoder.parameters():
+                p.add_(0.5)
+        return encoder
+
+    monkeypatch.setattr(build.models, "build_text_encoder", another_text_encoder)
     build_all(b)
 
     for part in ("teacher/unet/diffusion_pytorch_model.safetensors", "teacher/vae/diffusion_pytorch_model.safetensors",
+                 "teacher/text_encoder/model.safetensors",
                  "judge/model.safetensors", "reward/open_clip_model.safetensors"):
         wa, wb = weights(a, part), weights(b, part)
         assert wa.keys() == wb.keys()
