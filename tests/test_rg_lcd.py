@@ -11,6 +11,7 @@ import torch
 
 from lcm_lab.rewards.lrm import LatentRewardModel, LRMTrainer, listwise_kl_loss, pairwise_accuracy, pairwise_kl_loss
 from lcm_lab.training import load_method_config
+from lcm_lab.training.checkpoint import CheckpointError
 from lcm_lab.training.config import ConfigError
 from lcm_lab.training.rg_lcd import RGLCDTask
 from lcm_lab.training.trainer import step_generator, train
@@ -391,6 +392,11 @@ def test_lrm_run_resumes_exactly_and_exports_the_lrm(tmp_path):
     reloaded = LatentRewardModel.from_pretrained(full / "final" / "lrm")
     trained = task.lrm.state_dict()
     assert all(torch.equal(v, trained[k].cpu()) for k, v in reloaded.state_dict().items())
+    # without the proxy's AdamW moments the resume would not be exact: refused
+    (split / "checkpoints" / "checkpoint-4" / "extra" / "lrm_optimizer.safetensors").unlink()
+    task = make_task(split, TOY_LRM, steps=5, **{"train.resume_from_checkpoint": "latest"})
+    with pytest.raises(CheckpointError, match=r"checkpoint-4: KeyError: .*no lrm_optimizer state"):
+        train(task.config.train, task)
 
 
 # ----------------------------------------------------------------------------- (e) config errors

@@ -146,9 +146,53 @@ def test_corrupt_or_incomplete_checkpoint_names_the_folder(tmp_path):
         run_lcd(tmp_path, 4, **resume, **{"train.batch_size": 2})
     with pytest.raises(CheckpointError, match=r"checkpoint-2: it was saved with seed=0 \(now 1\)"):
         run_lcd(tmp_path, 4, **resume, **{"train.seed": 1})
+    # a state file whose step is not its folder's; the checkpointed skip counters missing
+    state.write_text(json.dumps({**json.loads(good), "step": 99}))
+    with pytest.raises(CheckpointError, match=r"checkpoint-2: unreadable lcm_lab_state.json \(ValueError: it records "
+                                              r"step 99\)"):
+        run_lcd(tmp_path, 4, **resume)
+    state.write_text(good)
+    counters = ckpt / "extra" / "counters.safetensors"
+    good = counters.read_bytes()
+    counters.unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoint-2: KeyError: .*no counters of skipped images"):
+        run_lcd(tmp_path, 4, **resume)
+    counters.write_bytes(good)
     (ckpt / "extra" / "target_ema.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoint-2: KeyError: .*target_ema"):
         run_lcd(tmp_path, 4, **resume)
+
+
+def test_a_resume_takes_this_runs_optimizer_settings(tmp_path, capsys):
+    """A restored optimizer would bring back the checkpoint's learning rate and AdamW settings; the usual fix
+    after a non-finite loss is a lower learning rate on a resume, so the run's own settings win (and are said)."""
+    run_lcd(tmp_path, 2)
+    resume = {"train.resume_from_checkpoint": "latest"}
+    run_lcd(tmp_path, 3, **resume, **{"train.learning_rate": 2e-5, "train.adam_weight_decay": 0.5})
+    assert "resumed with weight_decay=0.5 (the checkpoint's: 0.01), learning_rate=2e-05 (the checkpoint's: 0.001)" \
+        in capsys.readouterr().out
+    ckpt = tmp_path / "checkpoints" / "checkpoint-3"
+    group = torch.load(ckpt / "optimizer.bin", weights_only=True)["param_groups"][0]
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (2e-5, 0.5, (0.9, 0.999))
+    assert torch.load(ckpt / "scheduler.bin", weights_only=True)["base_lrs"] == [2e-5]
+    # a checkpoint past max_steps is refused, not silently exported as the shorter run
+    with pytest.raises(ValueError, match=r"checkpoint-3 is at step 3, past train.max_steps=2"):
+        run_lcd(tmp_path, 2, **resume)
+
+
+def test_a_save_interrupted_while_swapping_a_resaved_step_is_put_back(tmp_path, capsys):
+    """Re-saving a step moves the old copy aside before the new one takes its name: a crash between the two
+    leaves only ``.old-checkpoint-<step>``, which the next run restores instead of resuming from an earlier step."""
+    run_lcd(tmp_path, 3, **{"train.checkpointing_steps": 1})
+    root = tmp_path / "checkpoints"
+    os.replace(root / "checkpoint-3", root / ".old-checkpoint-3")
+    run_lcd(tmp_path, 3, **{"train.resume_from_checkpoint": "latest"})
+    out = capsys.readouterr().out
+    assert "put back" in out and "resumed from" in out and "at step 3" in out
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    shutil.copytree(root / "checkpoint-3", root / ".old-checkpoint-3")  # a crash after the swap: only cleanup left
+    run_lcd(tmp_path, 3, **{"train.resume_from_checkpoint": "latest"})
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-3"]
 
 
 def test_a_fresh_run_does_not_overwrite_an_earlier_runs_checkpoints(tmp_path):
@@ -283,6 +327,18 @@ def test_unknown_and_bad_config_keys_are_errors(tmp_path):
     # a diffusers schedule that needs arguments the config cannot give
     with pytest.raises(ConfigError, match="piecewise_constant"):
         load_method_config("lcd", None, ["train.lr_scheduler=piecewise_constant"])
+    # nan or inf in any float, a key written twice (PyYAML would keep the last), a file that is not UTF-8
+    for key in ("train.adam_beta1", "train.adam_epsilon", "objective.huber_c", "train.learning_rate"):
+        with pytest.raises(ConfigError, match=f"{key} must be a finite number, got inf"):
+            load_method_config("lcd", None, [f"{key}=.inf"])
+    for text, key in (("train:\n  max_steps: 3\n  max_steps: 5\n", "max_steps"),
+                      ("train:\n  max_steps: 3\ntrain:\n  batch_size: 4\n", "train")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=f"(?s)run.yaml is not valid YAML.*found the key '{key}' twice"):
+            load_method_config("lcd", path)
+    path.write_bytes(b"train:\n  output_dir: caf\xe9\n")
+    with pytest.raises(ConfigError, match="run.yaml is not valid YAML"):
+        load_method_config("lcd", path)
 
 
 @pytest.mark.parametrize("family, resolution", [("sd15", 512), ("sd21", 768), ("sdxl", 1024)])
@@ -361,7 +417,7 @@ def test_training_script_prints_user_errors_in_one_line():
     assert proc.stderr.startswith("error: unknown config key train.'bogus'")
 
 
-def test_corrupt_images_are_skipped_and_counted(tmp_path):
+def test_corrupt_images_are_skipped_and_counted(tmp_path, capsys):
     from lcm_lab.toy.world import ToyWorld
 
     folder = ToyWorld(0, "train").write_folder(tmp_path / "data", n=6)
@@ -374,6 +430,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     expected = sum(i in (1, 4) for i in drawn)
     assert expected > 0  # the seed draws at least one bad file
     assert task.skipped == task.skipped_total == expected
+    assert f"data: skipped images: {expected} (all processes)" in capsys.readouterr().out  # trackers or not
     # the count is checkpointed: a resumed run goes on counting from it
     more = run_lcd(tmp_path / "run", 3, **{"data.type": "folder", "data.path": str(folder),
                                           "data.cache_latents": False})
@@ -426,10 +483,17 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoints(tmp_path, monkeyp
         return (value * float("nan"), logs) if calls["n"] == 3 else (value, logs)
 
     monkeypatch.setattr(task, "loss", loss)
-    with pytest.raises(FloatingPointError, match="step 2"):
+    with pytest.raises(FloatingPointError, match=r"step 2; the last checkpoint, .*checkpoint-2, is intact"):
         train(cfg.train, task)
     ckpts = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     assert ckpts == ["checkpoint-2"]
+    # before the first checkpoint, the message does not promise one
+    fresh = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", tiny_overrides(tmp_path / "fresh", 4))
+    task = LCDTask(fresh)
+    real_loss = task.loss
+    monkeypatch.setattr(task, "loss", lambda student, batch, gen: (real_loss(student, batch, gen)[0] * float("nan"), {}))
+    with pytest.raises(FloatingPointError, match=r"step 0; no checkpoint was written to .*fresh.checkpoints yet"):
+        train(fresh.train, task)
     assert json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "lcm_lab_state.json").read_text())["step"] == 2
 
 

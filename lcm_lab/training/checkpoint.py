@@ -41,6 +41,21 @@ def _step_of(folder: Path) -> int:
     return int(folder.name[len(PREFIX):])
 
 
+def recover_interrupted_swap(root: str | os.PathLike) -> list[Path]:
+    """Finish what a crash inside :func:`save_checkpoint`'s swap of a re-saved step left: the previous copy,
+    moved aside to ``.old-checkpoint-<step>``, goes back under its name if no new copy took it; otherwise it
+    is deleted. Returns the checkpoints put back. Main process only, before anything reads the folder."""
+    restored = []
+    for stale in Path(root).glob(f".old-{PREFIX}*") if Path(root).is_dir() else []:
+        final = stale.with_name(stale.name[len(".old-"):])
+        if final.exists():
+            shutil.rmtree(stale)
+        else:
+            os.replace(stale, final)
+            restored.append(final)
+    return restored
+
+
 def find_checkpoint(root: str | os.PathLike, spec: str) -> Path:
     """Resolve ``resume_from_checkpoint``: ``"latest"`` or a checkpoint folder."""
     if spec == "latest":
@@ -109,9 +124,13 @@ def check_resumable(path: Path, layout: dict | None = None) -> int:
     try:
         state = json.loads((path / "lcm_lab_state.json").read_text())
         step = int(state["step"])
+        named = path.name[len(PREFIX):] if path.name.startswith(PREFIX) else None
+        if step < 0 or (named is not None and named.isdigit() and int(named) != step):
+            raise ValueError(f"it records step {step}")
     except Exception as e:
         raise CheckpointError(f"cannot resume from {path}: unreadable lcm_lab_state.json ({type(e).__name__}: {e}). "
-                              "If the folder is damaged, delete it to resume from the previous checkpoint.") from e
+                              "If the folder is damaged, delete it to resume from the previous checkpoint (with "
+                              "none left, the run starts over).") from e
     saved = state.get("layout") or {}  # absent in checkpoints written before layouts were recorded
     changed = {k: (saved[k], v) for k, v in (layout or {}).items() if k in saved and saved[k] != v}
     if changed:
@@ -133,5 +152,5 @@ def load_checkpoint(accelerator, path: Path, restore_extra: Callable[[dict], Non
     except Exception as e:  # a truncated or foreign file: say which checkpoint is broken
         raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {e}. If the model settings changed "
                               "since it was saved (e.g. model.lora), resume with the saved ones; if the folder is "
-                              "damaged, delete it to resume from the previous checkpoint, or start a new "
-                              "train.output_dir.") from e
+                              "damaged, delete it to resume from the previous checkpoint (with none left, the "
+                              "run starts over), or start a new train.output_dir.") from e

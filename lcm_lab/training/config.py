@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -43,6 +44,25 @@ _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                               re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
                               list("-+.0123456789"))
+
+
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    # PyYAML keeps the last of two equal keys, so a repeated `train:` section silently dropped the first one.
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: the default constructor reports it
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
+                                                    f"found the key {key!r} twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
 def _yaml(text: str) -> Any:
@@ -91,6 +111,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        # No setting has a use for nan or inf, and they fail far from the key (nan betas in AdamW, a nan loss).
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):
@@ -164,8 +187,8 @@ def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: 
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} not found")
         try:
-            data = _yaml(p.read_text()) or {}
-        except yaml.YAMLError as e:
+            data = _yaml(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{p} must be a mapping of config sections, got {type(data).__name__}")

@@ -267,13 +267,12 @@ class LCDTask:
 
     def load_extra_state(self, state: dict) -> None:
         # The checkpoint holds all-process totals: the main process carries them on, the others restart at 0.
-        # (A checkpoint written before these counters existed leaves this run's own counts as they are.)
         counters = state.get("counters", {})
+        if {"skipped_images", "truncated_captions"} - counters.keys():
+            raise KeyError("checkpoint has no counters of skipped images and truncated captions")
         main = self.accelerator.is_main_process
-        if "skipped_images" in counters:
-            self.skipped = int(counters["skipped_images"]) if main else 0
-        if "truncated_captions" in counters:
-            self.truncated = int(counters["truncated_captions"]) if main else 0
+        self.skipped = int(counters["skipped_images"]) if main else 0
+        self.truncated = int(counters["truncated_captions"]) if main else 0
         if self.ema is not None:
             if "target_ema" not in state:
                 raise KeyError("checkpoint has no target_ema state but this run uses an EMA target")

@@ -160,9 +160,8 @@ class RGLCDTask(LCDTask):
         state = super().extra_state()
         if self.lrm is not None:
             state["lrm"] = dict(self.lrm.state_dict())
-            moments = self.lrm_trainer.optimizer_tensors() if self.lrm_trainer is not None else {}
-            if moments:
-                state["lrm_optimizer"] = moments
+            if self.lrm_trainer is not None:  # written even before its first step, so a resume can require it
+                state["lrm_optimizer"] = self.lrm_trainer.optimizer_tensors()
         return state
 
     def load_extra_state(self, state: dict) -> None:
@@ -173,7 +172,9 @@ class RGLCDTask(LCDTask):
             raise KeyError("checkpoint has no lrm state but this run uses reward.mode=lrm (was it a direct-mode "
                            "run? start a new output_dir)")
         self.lrm.load_state_dict(state["lrm"])
-        if "lrm_optimizer" in state:
+        if self.lrm_trainer is not None:
+            if "lrm_optimizer" not in state:
+                raise KeyError("checkpoint has no lrm_optimizer state: the proxy's AdamW moments are missing")
             self.lrm_trainer.load_optimizer_tensors(state["lrm_optimizer"])
         self._lrm_started = True  # a resumed proxy is not pretrained again
 

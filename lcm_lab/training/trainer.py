@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -21,7 +22,8 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import check_resumable, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (check_resumable, checkpoint_dirs, find_checkpoint, load_checkpoint,
+                         recover_interrupted_swap, save_checkpoint)
 
 __all__ = ["LoopConfig", "Task", "train", "step_generator", "apply_channels_last"]
 
@@ -204,7 +206,9 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
     ``final/``. A non-finite loss, or a non-finite gradient norm (outside fp16, whose loss scaler skips such
     steps by design), stops the run with an error naming the step; the last checkpoint stays intact. A
     fresh run into a folder holding checkpoints, and a resume with another process count, batch size,
-    accumulation or seed, are refused before the task's set-up.
+    accumulation or seed, or from a step past ``max_steps``, are refused before the task's set-up. A resume
+    takes this run's learning rate and AdamW settings (the restored optimizer would bring back the
+    checkpoint's), and says so when they differ.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -240,6 +244,10 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
     layout = {"num_processes": accelerator.num_processes, "batch_size": cfg.batch_size,
               "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "seed": cfg.seed}
     path, start = None, 0
+    if accelerator.is_main_process:
+        for restored in recover_interrupted_swap(ckpt_root):
+            accelerator.print(f"put back {restored}, moved aside by a save that was interrupted")
+    accelerator.wait_for_everyone()
     if cfg.resume_from_checkpoint:
         try:
             path = find_checkpoint(ckpt_root, cfg.resume_from_checkpoint)
@@ -248,6 +256,9 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
                 raise
         if path is not None:
             start = check_resumable(path, layout)
+            if start > cfg.max_steps:
+                raise ValueError(f"{path} is at step {start}, past train.max_steps={cfg.max_steps}: raise "
+                                 "max_steps to continue it, or start a new train.output_dir")
             if path.resolve().parent != ckpt_root.resolve() and (here := checkpoint_dirs(ckpt_root)):
                 # Its first save would prune this folder's checkpoints of later steps (another run's).
                 raise ValueError(f"{ckpt_root} holds checkpoints of another run (latest: {here[-1].name}) and "
@@ -278,6 +289,7 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
     if path is not None:
         load_checkpoint(accelerator, path, task.load_extra_state)
         accelerator.print(f"resumed from {path} at step {start}")
+        _apply_optimizer_settings(optimizer, lr_scheduler, cfg, accelerator.print)
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -288,17 +300,17 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
     data = task.batches(rank, start * accum)
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train",
                disable=not (cfg.progress and accelerator.is_local_main_process), dynamic_ncols=True)
+    sums: dict[str, float] = {}
     for step in bar:
         student.train()
-        sums: dict[str, float] = {}
+        sums = {}
         for micro in range(accum):
             batch = next(data)
             with accelerator.accumulate(student):
                 loss, step_logs = task.loss(student, batch, step_generator(cfg.seed, rank, step * accum + micro))
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss ({loss.item()}) at step {step}; the last checkpoint in {ckpt_root} is intact. "
-                        "Lower train.learning_rate or check the data.")
+                    raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}; {_kept(ckpt_root)}. "
+                                             "Lower train.learning_rate or check the data.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     # With clipping off the norm is still taken (an infinite bound scales by 1), so that a
@@ -308,8 +320,8 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
                     # fp16's loss scaler skips steps with inf gradients by design; otherwise they are a fault.
                     if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":
                         raise FloatingPointError(
-                            f"non-finite gradient norm ({grad_norm}) at step {step}; nothing was updated and the "
-                            f"last checkpoint in {ckpt_root} is intact. Lower train.learning_rate or check the data.")
+                            f"non-finite gradient norm ({grad_norm}) at step {step}; nothing was updated and "
+                            f"{_kept(ckpt_root)}. Lower train.learning_rate or check the data.")
                     sums["grad_norm"] = grad_norm
                 optimizer.step()
                 lr_scheduler.step()
@@ -325,18 +337,55 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
         if done % cfg.checkpointing_steps == 0 or done == cfg.max_steps:
             if not all(torch.isfinite(p).all() for p in params):  # a finite loss can still blow the weights up
                 raise FloatingPointError(
-                    f"non-finite student weights after step {done}: not saved; the last checkpoint in {ckpt_root} "
-                    "is intact. Lower train.learning_rate or set train.max_grad_norm.")
+                    f"non-finite student weights after step {done}: not saved; {_kept(ckpt_root)}. Lower "
+                    "train.learning_rate or set train.max_grad_norm.")
             extra = task.extra_state() if accelerator.is_main_process else {}  # only the main process writes them
             save_checkpoint(accelerator, ckpt_root, done, extra, cfg.checkpoints_total_limit, layout)
         if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_steps):
             _validate(accelerator, task, out, done)
 
+    counts = {k: int(v) for k, v in sums.items() if k in ("skipped_images", "truncated_captions") and v}
+    if counts:  # also logged every step; said once here, where a run without trackers shows it too
+        accelerator.print("data: " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items())
+                          + " (all processes)")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         task.export(out / "final")
     accelerator.end_training()
     return out
+
+
+def _kept(ckpt_root: Path) -> str:
+    """What a run stopped by a numerical fault leaves to resume from."""
+    found = checkpoint_dirs(ckpt_root)
+    return f"the last checkpoint, {found[-1]}, is intact" if found else f"no checkpoint was written to {ckpt_root} yet"
+
+
+def _apply_optimizer_settings(optimizer, lr_scheduler, cfg: LoopConfig, say: Callable[[str], None]) -> None:
+    """Give a resumed optimizer this run's learning rate, betas, eps and weight decay.
+
+    A restored optimizer and scheduler bring back the checkpoint's values (torch's ``load_state_dict``), so
+    ``train.learning_rate=...`` on a resume would be silently ignored — the very change a run stopped by a
+    non-finite loss needs. The schedule's shape comes from this run's config already (its lambdas are not
+    saved); here its base rate is set too. Unchanged settings leave every value as it was (an exact resume).
+    """
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps the torch scheduler
+    wanted = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon, "weight_decay": cfg.adam_weight_decay}
+    changed = {}
+    for i, group in enumerate(optimizer.param_groups):
+        for key, value in wanted.items():
+            current = tuple(group[key]) if key == "betas" else group[key]
+            if current != value:
+                changed[key] = (current, value)
+                group[key] = value
+        old = scheduler.base_lrs[i]
+        if old != cfg.learning_rate:
+            changed["learning_rate"] = (old, cfg.learning_rate)
+            scheduler.base_lrs[i] = group["initial_lr"] = cfg.learning_rate
+            group["lr"] *= cfg.learning_rate / old  # the same point of the schedule, scaled to the new base
+    if changed:
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        say("resumed with " + ", ".join(f"{k}={new} (the checkpoint's: {old})" for k, (old, new) in changed.items()))
 
 
 def _validate(accelerator, task: Task, out: Path, step: int) -> None:
