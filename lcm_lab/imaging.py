@@ -10,6 +10,17 @@ import numpy as np
 import torch
 
 
+def to_rgb(img):
+    """A decoded PIL image as 8-bit RGB. 16-bit grayscale (PNG's ``I;16``, or ``I``) is scaled to 8 bits;
+    PIL's own ``convert("RGB")`` clips those values at 255, which turns almost every such image white."""
+    from PIL import Image
+
+    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        levels = np.asarray(img).astype(np.float64) / 257.0  # 65535 -> 255
+        img = Image.fromarray(levels.round().clip(0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) floats in [0, 1] -> uint8 (N, H, W, 3)."""
     return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -55,7 +66,7 @@ def load_images(paths: list[str], size: int) -> torch.Tensor:
     for p in paths:
         try:
             with Image.open(p) as img:
-                img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+                img = to_rgb(img).resize((size, size), Image.BICUBIC)
                 out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255)
         except FileNotFoundError:
             raise ValueError(f"init image {p} does not exist") from None

@@ -151,6 +151,24 @@ def test_resize_and_center_crop(tmp_path):
     assert (row[:14] == -1).all() and (row[-14:] == 1).all()  # the edge sits at 21.3 - 5 = 16.3 px
 
 
+def test_16_bit_grayscale_images_read_as_their_8_bit_levels(tmp_path):
+    """PIL's convert("RGB") clips 16-bit levels at 255 (a white image); every image reader scales them."""
+    from lcm_lab.eval.evaluate import load_reference_images
+    from lcm_lab.imaging import load_images
+
+    levels = np.tile(np.linspace(0, 255, 32).round().astype(np.uint8), (32, 1))  # a horizontal ramp
+    Image.fromarray(levels.astype(np.uint16) * 257).save(tmp_path / "wide.png")  # 0..65535, mode I;16
+    assert Image.open(tmp_path / "wide.png").mode == "I;16"
+    rgb = torch.from_numpy(np.repeat(levels[..., None], 3, axis=2)).permute(2, 0, 1)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.png").write_bytes((tmp_path / "wide.png").read_bytes())
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a ramp"}) + "\n")
+    assert torch.equal(ImageCaptionFolder(root, resolution=32)[0]["pixel_values"], rgb.float() / 127.5 - 1)
+    assert torch.equal(load_images([str(tmp_path / "wide.png")], 32), rgb[None].float() / 255)
+    assert torch.equal(load_reference_images([tmp_path / "wide.png"], 32), rgb[None])
+
+
 def test_random_hflip_is_a_function_of_the_generator():
     images = torch.arange(64 * 3 * 2 * 4, dtype=torch.float32).view(64, 3, 2, 4)
     a = random_hflip(images, torch.Generator().manual_seed(5))

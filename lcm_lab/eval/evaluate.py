@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..imaging import to_rgb
 from ..rewards import RewardModel
 from .clip_metrics import ScoreMean, load_clip_metric, load_hps_metric, reward_scores
 from .frechet import FeatureStats, fd_between
@@ -144,7 +145,7 @@ def load_reference_images(files: Sequence[Path], size: int) -> torch.Tensor:
     for path in files:
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
+                img = to_rgb(img)
                 side = min(img.size)
                 left, top = (img.width - side) // 2, (img.height - side) // 2
                 img = img.crop((left, top, left + side, top + side))

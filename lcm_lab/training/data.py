@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..imaging import to_rgb
+
 DATASET_TYPES = ("toy", "folder", "webdataset")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
@@ -72,10 +74,10 @@ def _load_pixels(source, resolution: int) -> torch.Tensor | None:
 
     try:
         if isinstance(source, Image.Image):
-            img = source.convert("RGB")
+            img = to_rgb(source)
         else:
             with Image.open(source) as opened:
-                img = opened.convert("RGB")  # forces a full decode: truncated files fail here, not later
+                img = to_rgb(opened)  # forces a full decode: truncated files fail here, not later
     except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError):
         return None
     w, h = img.size
