@@ -92,6 +92,8 @@ def generate(
 
     Runs under ``torch.inference_mode``; the result is an ordinary tensor.
     """
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a sequence of strings (one per image), e.g. [\"a red circle\"]")
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     if not prompts:

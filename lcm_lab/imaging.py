@@ -39,19 +39,41 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np
     return grid
 
 
+def image_format(path: str | os.PathLike) -> str:
+    """The PIL format an image file written to ``path`` gets, from its extension (``.png`` -> ``"PNG"``).
+
+    Raises:
+        ValueError: ``path`` is a folder, or its extension is not an image format PIL can write.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give an image file name such as {path / 'sample.png'}")
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"{path}: not an image file name PIL can write (use .png, .jpg or .webp)")
+    return fmt
+
+
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> Path:
-    """Save one image or a grid as PNG; written to a temp file, then renamed."""
+    """Save one image or a grid in the format of ``path``'s extension (PNG, JPEG, ...); written to a temp file,
+    then renamed."""
     from PIL import Image
 
     out = Path(path)
+    fmt = image_format(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     arr = to_uint8(images)[0] if len(images) == 1 else make_grid(images, nrow)
     img = Image.fromarray(arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     tmp = out.with_name(out.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    try:
+        img.save(tmp, format=fmt)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

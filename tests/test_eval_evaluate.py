@@ -158,8 +158,14 @@ def test_eval_cli_writes_rows_per_step_and_images(tiny_sd, clip_dir, prompt_file
                              "--out", str(tmp_path / "bad"), "--device", "cpu"])
     with pytest.raises(ValueError, match="toy"):
         bad.func(bad)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["eval", "--steps", "1,x"])
+    for argv in (["eval", "--steps", "1,x"], ["eval", "--seed", "-1"], ["bench", "speed", "--latent-size", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+    # an --out that is a file fails before any image is generated, not when the first row is written
+    (tmp_path / "file").write_text("")
+    bad = parser.parse_args(["eval", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "file")])
+    with pytest.raises(ValueError, match="is a file"):
+        bad.func(bad)
 
 
 def test_eval_resume_reuses_finished_rows_only(tiny_sd, prompt_file, tmp_path, monkeypatch):

@@ -47,6 +47,9 @@ def test_stock_pipeline_loads_and_matches_our_ddim(ldm):
         images[guidance] = ours
     assert (images[5.0][0] - images[5.0][1]).abs().max() > 0.05  # different seeds, different images
     assert (images[5.0] - images[0.5]).abs().max() > 0.05  # guidance changed the images
+    for prompts in (PROMPT, [PROMPT, None]):  # a bare string would be one image per character
+        with pytest.raises(TypeError, match="prompts must be a sequence of strings"):
+            generate(ldm, prompts, [0, 1], progress=False)
 
 
 def test_img2img_matches_a_diffusers_loop(ldm):
@@ -162,7 +165,7 @@ def test_reward_model_loads_with_open_clip_and_prefers_matching_captions():
     assert (sims.diag() > sims.mean(1)).float().mean() >= 0.9
 
 
-def test_cli_sample_writes_png_and_rejects_bad_input(tmp_path, capsys):
+def test_cli_sample_writes_png_and_rejects_bad_input(tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     from lcm_lab.cli import main
@@ -191,6 +194,21 @@ def test_cli_sample_writes_png_and_rejects_bad_input(tmp_path, capsys):
     assert main(["sample", "--prompt", PROMPT, "--image", str(corrupt), "--strength", "0.5",
                  "--out", str(tmp_path / "bad.png")]) == 2
     assert "cannot read" in capsys.readouterr().err
+    # --out: the extension picks the format; a folder or an unknown extension fails before any sampling
+    assert main(["sample", "--prompt", PROMPT, "--steps", "1", "--out", str(tmp_path / "s.jpg")]) == 0
+    assert Image.open(tmp_path / "s.jpg").format == "JPEG"
+    capsys.readouterr()
+    monkeypatch.setattr("lcm_lab.models.sd.load_ldm", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    for bad_out, message in ((tmp_path, "is a folder"), (tmp_path / "s.txt", "not an image file name")):
+        assert main(["sample", "--prompt", PROMPT, "--out", str(bad_out)]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: "a seed must be in [0, 2**63)"
+        main(["sample", "--prompt", PROMPT, "--seed", str(2**64)])
+    monkeypatch.undo()
+    # non-finite images (damaged weights, fp16 overflow) are an error, not a black PNG
+    monkeypatch.setattr("lcm_lab.generation.generate", lambda *a, **k: torch.full((1, 3, 32, 32), float("nan")))
+    assert main(["sample", "--prompt", PROMPT, "--out", str(tmp_path / "nan.png")]) == 2
+    assert "non-finite images" in capsys.readouterr().err and not (tmp_path / "nan.png").exists()
 
 
 def test_demo_checks_are_the_issue_bounds():

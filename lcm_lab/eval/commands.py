@@ -37,6 +37,27 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def seed_arg(text: str) -> int:
+    """A ``--seed``: an integer in [0, 2**63), the range of a torch generator's seed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _str_list(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values:
@@ -64,7 +85,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=0.3, help="TCD stochasticity gamma")
     p.add_argument("--prompts", default="toy", help="toy | FILE (one prompt per line) | hps:DIR | coco:FILE")
     p.add_argument("--per-style", type=int, default=None, help="HPS benchmark prompts per style")
-    p.add_argument("--seed", type=int, default=0, help="base seed: image i gets seed+i")
+    p.add_argument("--seed", type=seed_arg, default=0, help="base seed: image i gets seed+i")
     p.add_argument("--batch-size", type=int, default=32, help="images per sampler call")
     p.add_argument("--truncate", action="store_true", help="truncate over-long prompts instead of failing")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
@@ -141,6 +162,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            write_metrics)
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():  # found now, not after every row has been computed
+        raise ValueError(f"--out {out} is a file; give a folder for metrics.json, metrics.md and images")
     ldm = load_ldm(args.model, device=args.device or _default_device())
     num = args.num_samples if args.num_samples is not None else (1000 if args.prompts == "toy" else None)
     pset = resolve_prompts(args.prompts, num, ldm.tokenizer, args.per_style)
@@ -184,7 +207,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="pipeline folder (default: the embedded toy teacher)")
     s.add_argument("--sd15-random", action="store_true",
                    help="benchmark a random-weight SD1.5-architecture UNet (built in a temp folder, no download)")
-    s.add_argument("--latent-size", type=int, default=16, help="latent side for --sd15-random")
+    s.add_argument("--latent-size", type=_positive_int, default=16, help="latent side for --sd15-random")
     s.add_argument("--sampler", default="lcm", choices=SAMPLERS)
     s.add_argument("--steps", type=int, default=4)
     s.add_argument("--batch-size", type=int, default=4)
@@ -192,7 +215,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--gamma", type=float, default=0.3, help="TCD gamma")
     s.add_argument("--repeats", type=int, default=5, help="timed calls per side (interleaved)")
     s.add_argument("--warmup", type=int, default=1, help="untimed calls per side first")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_arg, default=0)
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     s.add_argument("--out", default="outputs/bench/speed")

@@ -177,10 +177,11 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], allow_empty: boo
         return text_encoder(ids)[0]
 
 
-def check_prompts(tokenizer, prompts: str | list[str], allow_empty: bool = False, truncate: bool = False) -> list[str]:
+def check_prompts(tokenizer, prompts: str | list[str], allow_empty: bool = False, truncate: bool = False,
+                  fix: str = "Shorten it or pass truncate=True (--truncate on the CLI).") -> list[str]:
     """``prompts`` as a list, or a clear error for no prompts, an empty prompt (unless ``allow_empty``) or a
-    prompt longer than ``tokenizer``'s context (unless ``truncate``): silently dropping words, as the stock
-    pipelines do after a warning, changes what is generated."""
+    prompt longer than ``tokenizer``'s context (unless ``truncate``; ``fix`` ends that error): silently
+    dropping words, as the stock pipelines do after a warning, changes what is generated."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
@@ -192,6 +193,5 @@ def check_prompts(tokenizer, prompts: str | list[str], allow_empty: bool = False
         for p, ids in zip(prompts, tokenizer(prompts, verbose=False).input_ids):
             n = len(ids)
             if n > max_len:
-                raise ValueError(f"prompt has {n} tokens, more than the model's {max_len}: {p[:80]!r}... "
-                                 "Shorten it or pass truncate=True (--truncate on the CLI).")
+                raise ValueError(f"prompt has {n} tokens, more than the model's {max_len}: {p[:80]!r}... {fix}")
     return prompts

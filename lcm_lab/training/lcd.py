@@ -170,7 +170,10 @@ class LCDTask:
         self.objective = LCDLoss(self.config.objective, self.ldm.unet, self.ldm.schedule, uncond, self.w_dim)
         if self.config.train.validation_steps and self.config.validation.prompts:  # fail now, not at validation
             for tokenizer in (self.ldm.text.tokenizers if self.sdxl else (self.ldm.tokenizer,)):
-                check_prompts(tokenizer, self.config.validation.prompts)
+                try:
+                    check_prompts(tokenizer, self.config.validation.prompts, fix="Shorten it.")
+                except ValueError as e:
+                    raise ValueError(f"validation.prompts: {e}") from None
         if self.config.data.cache_latents:
             self.cache, skipped = encode_dataset(self.dataset, self.ldm.vae, device=device,
                                                  progress=accelerator.is_local_main_process)
