@@ -144,13 +144,22 @@ def load_checkpoint(accelerator, path: Path, restore_extra: Callable[[dict], Non
     """Restore accelerate's state from ``path`` (already accepted by :func:`check_resumable`, which gives its
     step) and hand the extra tensors to ``restore_extra``. Any failure, the task's included (a missing or
     mis-shaped extra), raises :class:`CheckpointError` naming the checkpoint."""
+    part = f"random_states_{accelerator.process_index}.pkl"
     try:
         # accelerate only logs an unreadable RNG-state file and resumes with the current RNG: read it here first.
-        load(path / f"random_states_{accelerator.process_index}.pkl")
+        load(path / part)
+        part = "accelerate's model, optimizer and scheduler files"
         accelerator.load_state(str(path))
-        restore_extra({p.stem: load_file(p) for p in sorted((path / "extra").glob("*.safetensors"))})
-    except Exception as e:  # a truncated or foreign file: say which checkpoint is broken
-        raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {e}. If the model settings changed "
-                              "since it was saved (e.g. model.lora), resume with the saved ones; if the folder is "
-                              "damaged, delete it to resume from the previous checkpoint (with none left, the "
-                              "run starts over), or start a new train.output_dir.") from e
+        extra = {}
+        for file in sorted((path / "extra").glob("*.safetensors")):
+            part = f"extra/{file.name}"
+            extra[file.stem] = load_file(file)
+        part = "extra/"
+        restore_extra(extra)
+    except Exception as e:  # a truncated or foreign file: say which checkpoint and which part of it
+        # Only the first line: torch's unpickling error goes on to suggest weights_only=False, not the fix here.
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {first} (reading {part}). If the "
+                              "model settings changed since it was saved (e.g. model.lora), resume with the saved "
+                              "ones; if the folder is damaged, delete it to resume from the previous checkpoint "
+                              "(with none left, the run starts over), or start a new train.output_dir.") from e

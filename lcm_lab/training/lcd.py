@@ -226,7 +226,7 @@ class LCDTask:
             texts = ["" if d else t for t, d in zip(texts, drop.tolist())]
         if count:  # truncated to the text encoder's context like the reference scripts, but counted
             tokenizer = self.ldm.text.tokenizers[0] if self.sdxl else self.ldm.tokenizer
-            self.truncated += sum(len(ids) > tokenizer.model_max_length for ids in tokenizer(texts).input_ids)
+            self.truncated += sum(len(ids) > tokenizer.model_max_length for ids in tokenizer(texts, verbose=False).input_ids)
         if self.sdxl:
             return self._encode_sdxl(texts)
         return Conditioning(self.ldm.encode_prompts(texts, allow_empty=True, truncate=True))
