@@ -188,6 +188,7 @@ def test_a_save_interrupted_while_swapping_a_resaved_step_is_put_back(tmp_path, 
     """Re-saving a step moves the old copy aside before the new one takes its name: a crash between the two
     leaves only ``.old-checkpoint-<step>``, which the next run restores instead of resuming from an earlier step."""
     run_lcd(tmp_path, 3, **{"train.checkpointing_steps": 1})
+    assert "to resume: training from step 0" in capsys.readouterr().out  # `latest` in a new folder, said
     root = tmp_path / "checkpoints"
     os.replace(root / "checkpoint-3", root / ".old-checkpoint-3")
     run_lcd(tmp_path, 3, **{"train.resume_from_checkpoint": "latest"})

@@ -254,6 +254,7 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
         except FileNotFoundError:
             if cfg.resume_from_checkpoint != "latest":
                 raise
+            accelerator.print(f"no checkpoint in {ckpt_root} to resume: training from step 0")
         if path is not None:
             start = check_resumable(path, layout)
             if start > cfg.max_steps:
