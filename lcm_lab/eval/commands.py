@@ -37,25 +37,21 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def seed_arg(text: str) -> int:
-    """A ``--seed``: an integer in [0, 2**63), the range of a torch generator's seed."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {value}")
-    return value
+def _int_in(low: int, high: int | None, what: str):
+    """An argparse ``type``: an integer in [low, high) (no upper bound for ``high=None``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value >= high):
+            raise argparse.ArgumentTypeError(f"{what}, got {value}")
+        return value
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+seed_arg = _int_in(0, 2**63, "a seed must be in [0, 2**63), the range of a torch generator's seed")
+_positive_int = _int_in(1, None, "expected a positive integer")
 
 
 def _str_list(text: str) -> list[str]:
