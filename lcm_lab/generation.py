@@ -96,6 +96,8 @@ def generate(
         raise TypeError("prompts must be a sequence of strings (one per image), e.g. [\"a red circle\"]")
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    if any(not 0 <= int(s) < 2**63 for s in seeds):  # per-seed noise seeds int64 generators
+        raise ValueError(f"seeds must be in [0, 2**63), got {min(seeds)}..{max(seeds)}")
     if not prompts:
         raise ValueError("no prompts: nothing to generate")
     if not math.isfinite(guidance_scale):

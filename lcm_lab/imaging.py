@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -15,8 +16,11 @@ def to_rgb(img):
     PIL's own ``convert("RGB")`` clips those values at 255, which turns almost every such image white."""
     from PIL import Image
 
-    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-        levels = np.asarray(img).astype(np.float64) / 257.0  # 65535 -> 255
+    if img.mode.startswith("I"):
+        levels = np.asarray(img).astype(np.float64)
+        # "I" is also how PIL opens 16-bit PGMs; one whose levels stay within 0..255 is read as 8-bit.
+        if img.mode != "I" or levels.max() > 255:
+            levels = levels / 257.0  # 65535 -> 255
         img = Image.fromarray(levels.round().clip(0, 255).astype(np.uint8), mode="L")
     return img.convert("RGB")
 
@@ -51,8 +55,12 @@ def image_format(path: str | os.PathLike) -> str:
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give an image file name such as {path / 'sample.png'}")
     fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
-        raise ValueError(f"{path}: not an image file name PIL can write (use .png, .jpg or .webp)")
+    try:  # Image.SAVE lists formats that still cannot hold an RGB image (.xbm, .blp, ...): try one pixel
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError, TypeError):
+        fmt = None
+    if fmt is None:
+        raise ValueError(f"{path}: not an image file name PIL can write as RGB (use .png, .jpg or .webp)")
     return fmt
 
 

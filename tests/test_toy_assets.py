@@ -50,6 +50,8 @@ def test_stock_pipeline_loads_and_matches_our_ddim(ldm):
     for prompts in (PROMPT, [PROMPT, None]):  # a bare string would be one image per character
         with pytest.raises(TypeError, match="prompts must be a sequence of strings"):
             generate(ldm, prompts, [0, 1], progress=False)
+    with pytest.raises(ValueError, match=r"seeds must be in \[0, 2\*\*63\)"):
+        generate(ldm, [PROMPT], [2**63], progress=False)
 
 
 def test_img2img_matches_a_diffusers_loop(ldm):
@@ -199,7 +201,8 @@ def test_cli_sample_writes_png_and_rejects_bad_input(tmp_path, capsys, monkeypat
     assert Image.open(tmp_path / "s.jpg").format == "JPEG"
     capsys.readouterr()
     monkeypatch.setattr("lcm_lab.models.sd.load_ldm", lambda *a, **k: pytest.fail("sampled before checking --out"))
-    for bad_out, message in ((tmp_path, "is a folder"), (tmp_path / "s.txt", "not an image file name")):
+    for bad_out, message in ((tmp_path, "is a folder"), (tmp_path / "s.txt", "not an image file name"),
+                             (tmp_path / "s.xbm", "not an image file name PIL can write as RGB")):  # 1-bit only
         assert main(["sample", "--prompt", PROMPT, "--out", str(bad_out)]) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: "a seed must be in [0, 2**63)"

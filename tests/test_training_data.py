@@ -167,6 +167,12 @@ def test_16_bit_grayscale_images_read_as_their_8_bit_levels(tmp_path):
     assert torch.equal(ImageCaptionFolder(root, resolution=32)[0]["pixel_values"], rgb.float() / 127.5 - 1)
     assert torch.equal(load_images([str(tmp_path / "wide.png")], 32), rgb[None].float() / 255)
     assert torch.equal(load_reference_images([tmp_path / "wide.png"], 32), rgb[None])
+    # PIL's 32-bit "I" (how it opens a 16-bit PGM): 16-bit levels are scaled, levels within 0..255 kept
+    from lcm_lab.imaging import to_rgb
+
+    for stored in (levels.astype(np.int32) * 257, levels.astype(np.int32)):
+        image = Image.fromarray(stored)
+        assert image.mode == "I" and np.array_equal(np.asarray(to_rgb(image))[..., 0], levels)
 
 
 def test_random_hflip_is_a_function_of_the_generator():

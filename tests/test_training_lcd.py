@@ -341,6 +341,11 @@ def test_unknown_and_bad_config_keys_are_errors(tmp_path):
         path.write_text(text)
         with pytest.raises(ConfigError, match=f"(?s)run.yaml is not valid YAML.*found the key '{key}' twice"):
             load_method_config("lcd", path)
+    path.write_text("train:\n  <<: {max_steps: 3, batch_size: 4}\n  batch_size: 8\n")  # merge keys still work
+    cfg = load_method_config("lcd", path)
+    assert (cfg.train.max_steps, cfg.train.batch_size) == (3, 8)
+    with pytest.raises(ConfigError, match=r"override .*not valid YAML.*found the key 'b' twice"):
+        apply_overrides({}, ["a={b: 1, b: 2}"])
     path.write_bytes(b"train:\n  output_dir: caf\xe9\n")
     with pytest.raises(ConfigError, match="run.yaml is not valid YAML"):
         load_method_config("lcd", path)

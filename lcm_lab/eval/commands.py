@@ -50,7 +50,7 @@ def _int_in(low: int, high: int | None, what: str):
     return parse
 
 
-seed_arg = _int_in(0, 2**63, "a seed must be in [0, 2**63), the range of a torch generator's seed")
+seed_arg = _int_in(0, 2**63, "a seed must be in [0, 2**63)")
 _positive_int = _int_in(1, None, "expected a positive integer")
 
 

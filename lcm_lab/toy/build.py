@@ -179,6 +179,9 @@ class _Trainer:
                                    "resume with those settings, or delete the checkpoint to start the stage over")
             model.load_state_dict(state["model"])
             for name, module in self.frozen.items():
+                if name not in state.get("frozen", {}):
+                    raise ValueError(f"{self.ckpt} holds no {name} (written before frozen modules were saved): "
+                                     "delete it to start the stage over")
                 module.load_state_dict(state["frozen"][name])
             self.opt.load_state_dict(state["opt"])
             self.sched.load_state_dict(state["sched"])

@@ -50,6 +50,8 @@ def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: b
     # PyYAML keeps the last of two equal keys, so a repeated `train:` section silently dropped the first one.
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: construct_mapping merges those
+            continue
         key = loader.construct_object(key_node, deep=deep)
         try:
             duplicate = key in seen
@@ -164,8 +166,9 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         try:
             node[parts[-1]] = _yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None)
             raise ConfigError(f"override {item!r}: the value is not valid YAML (put text in quotes): "
-                              f"{str(e).splitlines()[0]}") from e
+                              f"{str(e).splitlines()[0]}{f' ({problem})' if problem else ''}") from e
     return data
 
 

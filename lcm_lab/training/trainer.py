@@ -383,7 +383,10 @@ def _apply_optimizer_settings(optimizer, lr_scheduler, cfg: LoopConfig, say: Cal
         if old != cfg.learning_rate:
             changed["learning_rate"] = (old, cfg.learning_rate)
             scheduler.base_lrs[i] = group["initial_lr"] = cfg.learning_rate
-            group["lr"] *= cfg.learning_rate / old  # the same point of the schedule, scaled to the new base
+            if hasattr(scheduler, "lr_lambdas"):  # diffusers' schedules: exactly the rate at this point of the schedule
+                group["lr"] = cfg.learning_rate * scheduler.lr_lambdas[i](scheduler.last_epoch)
+            else:
+                group["lr"] *= cfg.learning_rate / old
     if changed:
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         say("resumed with " + ", ".join(f"{k}={new} (the checkpoint's: {old})" for k, (old, new) in changed.items()))
