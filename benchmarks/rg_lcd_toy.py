@@ -59,7 +59,8 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/bench_rg_lcd")
     args = parser.parse_args()
 
-    from lcm_lab.eval.evaluate import MetricSuite, atomic_write_text, evaluate, format_table
+    from lcm_lab.eval.evaluate import MetricSuite, evaluate, format_table
+    from lcm_lab.files import atomic_write_text
     from lcm_lab.models.sd import load_ldm
 
     models = {name: load_ldm(trained(name, Path(folder)))

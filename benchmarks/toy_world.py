@@ -24,7 +24,7 @@ from lcm_lab.eval.toy import (  # noqa: E402
     eval_prompts, load_judge, prompt_accuracy, psnr, real_images, toy_metrics, toy_reference,
     vae_reconstruct,
 )
-from lcm_lab.eval.evaluate import atomic_write_text  # noqa: E402
+from lcm_lab.files import atomic_write_text  # noqa: E402
 from lcm_lab.generation import timed_generate  # noqa: E402
 from lcm_lab.imaging import save_grid  # noqa: E402
 from lcm_lab.models.sd import load_ldm  # noqa: E402

@@ -17,23 +17,19 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: every model is a local folder
 
-from .eval.commands import add_bench_parser, add_eval_parser, seed_arg  # noqa: E402
+from .eval.commands import add_bench_parser, add_eval_parser, positive_int, seed_arg  # noqa: E402
 
 from .toy import TEACHER_GUIDANCE as TOY_GUIDANCE  # noqa: E402
 from .training import METHODS, USER_ERRORS  # noqa: E402  (lazy loaders: imports nothing heavy)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
     from .generation import generate, resolve_steps
     from .imaging import image_format, load_images, save_grid
     from .models.sd import load_ldm
     from .models.sdxl import is_sdxl_dir, load_sdxl
 
     prompts = args.prompt
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     image_format(args.out)  # a bad --out fails now, not after the sampling
     model = load_sdxl(args.model) if is_sdxl_dir(args.model) else load_ldm(args.model)
     images = None
@@ -50,8 +46,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = generate(model, all_prompts, all_seeds, sampler=args.sampler, steps=args.steps,
                    guidance_scale=guidance, images=images, strength=args.strength,
                    truncate=args.truncate, gamma=args.gamma)
-    if not torch.isfinite(out).all():  # damaged weights, or fp16 overflow: a black PNG would hide it
-        raise FloatingPointError(f"the model produced non-finite images; nothing was written to {args.out}")
     path = save_grid(out, Path(args.out), nrow=args.num_images if len(out) > 1 else None)
     steps = resolve_steps(args.sampler, args.steps)
     print(f"wrote {len(out)} image(s) ({args.sampler}, {steps} steps, guidance {guidance}) to {path}")
@@ -99,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=None, help=f"guidance scale (default {TOY_GUIDANCE})")
     s.add_argument("--gamma", type=float, default=0.3, help="TCD stochasticity gamma")
     s.add_argument("--seed", type=seed_arg, default=0)
-    s.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    s.add_argument("--num-images", type=positive_int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     s.add_argument("--image", default=None, help="init image for img2img / restoration")
     s.add_argument("--strength", type=float, default=1.0, help="img2img strength in (0, 1]")
     s.add_argument("--truncate", action="store_true", help="truncate over-long prompts instead of failing")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .eval.evaluate import atomic_write_text, format_table
+from .eval.evaluate import format_table
+from .files import atomic_write_text, write_folder_atomically
 from .toy import TEACHER_GUIDANCE
 
 __all__ = ["run_demo", "demo_checks", "toy_config_path"]
@@ -54,7 +55,6 @@ def demo_checks(rows: dict[str, dict]) -> list[dict]:
 
 def _copy_model(src: Path, dst: Path) -> Path:
     """Copy the exported pipeline folder into place atomically."""
-    from .pipelines.export import write_folder_atomically
 
     return write_folder_atomically(dst, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
 

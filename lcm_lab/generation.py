@@ -90,7 +90,8 @@ def generate(
         truncate: cut prompts longer than the text encoder's context instead of raising.
         output: ``"images"`` (N, 3, H, W) in [0, 1] or ``"latents"``.
 
-    Runs under ``torch.inference_mode``; the result is an ordinary tensor.
+    Runs under ``torch.inference_mode``; the result is an ordinary tensor. Non-finite results (a diverged or
+    damaged model, fp16 overflow) raise ``FloatingPointError`` instead of becoming black images or NaN metrics.
     """
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a sequence of strings (one per image), e.g. [\"a red circle\"]")
@@ -160,6 +161,9 @@ def generate(
             outputs.append(x0 if output == "latents"
                            else model.codec.to_unit(model.codec.decode(x0, chunk_size=decode_chunk)))
         images_out = torch.cat(outputs)
+        if not torch.isfinite(images_out).all():  # damaged weights or fp16 overflow: no caller should use these
+            raise FloatingPointError(f"{sampler}-{steps} produced non-finite {output} for seeds "
+                                     f"{seeds[0]}..{seeds[-1]}; the model or its precision is broken")
     return images_out.clone()  # an ordinary tensor again, usable outside inference mode
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -43,22 +44,29 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np
     return grid
 
 
+@functools.cache
+def _rgb_format(suffix: str) -> str | None:
+    """PIL's format for a file extension, if it can hold an RGB image; once per extension (eval saves each image)."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(suffix)
+    try:  # Image.SAVE lists formats that still cannot hold an RGB image (.xbm, .blp, ...): try one pixel
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return fmt
+
+
 def image_format(path: str | os.PathLike) -> str:
     """The PIL format an image file written to ``path`` gets, from its extension (``.png`` -> ``"PNG"``).
 
     Raises:
         ValueError: ``path`` is a folder, or its extension is not an image format PIL can write.
     """
-    from PIL import Image
-
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give an image file name such as {path / 'sample.png'}")
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    try:  # Image.SAVE lists formats that still cannot hold an RGB image (.xbm, .blp, ...): try one pixel
-        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
-    except (OSError, ValueError, KeyError, TypeError):
-        fmt = None
+    fmt = _rgb_format(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: not an image file name PIL can write as RGB (use .png, .jpg or .webp)")
     return fmt

@@ -6,6 +6,12 @@ import contextlib
 import os
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (at most 300 characters): torch's unpickling error goes on to
+    suggest ``weights_only=False``, which is not the fix for a corrupt file."""
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
 @contextlib.contextmanager
 def reading(path: str | os.PathLike, what: str):
     """Re-raise any failure inside the block as a ``ValueError`` that names ``what`` and ``path``.
@@ -13,15 +19,14 @@ def reading(path: str | os.PathLike, what: str):
     Missing files (``FileNotFoundError``, whose messages already say where to get them) and missing
     packages (``ImportError``) pass through unchanged; a folder that diffusers or transformers find
     without weights (their ``OSError`` "no file named ...") becomes a ``FileNotFoundError`` saying
-    so. Only the first line of the original message is kept: torch's unpickling error goes on to
-    suggest ``weights_only=False``, which is not the fix for a corrupt file.
+    so. Only the :func:`first_line` of the original message is kept.
     """
     try:
         yield
     except (FileNotFoundError, ImportError):
         raise
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:300]
+        first = first_line(e)
         if isinstance(e, OSError) and "no file named" in first:  # diffusers' and transformers' missing weights
             raise FileNotFoundError(f"{what} {path} has no weights file: {first} Copy the model's weights "
                                     "there (.safetensors preferred), e.g. `huggingface-cli download <repo> "

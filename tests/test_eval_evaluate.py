@@ -5,6 +5,7 @@ up-front errors, write_metrics; and the toy-world metrics when the toy assets ex
 import argparse
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -227,6 +228,17 @@ def test_evaluate_fid_kid_against_a_reference_folder(ldm, prompt_file, tmp_path)
     assert (row["fid_antialias"], row["inception_dtype"], row["kid_subset_size"]) == (False, "float32", 4)
     assert row["fid_reference"] == "6 png files, center-cropped, PIL bicubic to 16 px"
     assert row["fid"] > 0 and math.isfinite(row["kid"])
+    # --resume reuses the row only when measured against the same reference folder and weights
+    assert f"reference={ref_dir}; inception={weights}" in row["metric_sources"]
+    again = dict(sampler="ddim", steps=2, prompt_set=str(prompt_file), num_samples=4, seeds=0, guidance=2.0,
+                 progress=False, resume_from=[row])
+    assert evaluate(ldm, suite=suite, **again) == row
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for i in range(3):
+        shutil.copy(ref_dir / f"real_{i}.png", fewer)
+    other = MetricSuite(None, toy=False, inception=weights, reference=fewer, fid_options=options)
+    assert evaluate(ldm, suite=other, **again)["fid_reference_num"] == 3
 
     files = list_images(ref_dir)
     assert len(files) == 6
@@ -268,7 +280,7 @@ def test_errors_before_generation(ldm, prompt_file, tmp_path):
     with pytest.raises(ValueError, match="seeds"):
         evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=2, seeds=[1, 2, 3], metrics=[])
     row = evaluate(ldm, "ddim", 1, str(long_file), metrics=[], truncate=True, progress=False, warmup=False)
-    assert row["num_samples"] == 2 and set(row) == {*BASE_KEYS, "sec_per_image"}
+    assert row["num_samples"] == 2 and set(row) == {*BASE_KEYS, "metric_sources", "sec_per_image"}
     # FD / FID / KID need two images a side: refused up front, not after generating
     from lcm_lab.toy.judge import AttributeJudge
 
@@ -297,7 +309,7 @@ def test_non_finite_images_stop_the_evaluation(tiny_sd, prompt_file):
     broken = load_ldm(tiny_sd)
     with torch.no_grad():
         broken.unet.conv_out.bias.fill_(float("nan"))
-    with pytest.raises(ValueError, match="ddim-1 produced non-finite images for seeds 0..1"):
+    with pytest.raises(FloatingPointError, match="ddim-1 produced non-finite images for seeds 0..1"):
         evaluate(broken, "ddim", 1, str(prompt_file), num_samples=2, metrics=[], progress=False, warmup=False)
 
 

@@ -186,7 +186,7 @@ def test_cli_sample_writes_png_and_rejects_bad_input(tmp_path, capsys, monkeypat
     for bad in (["--prompt", " "], ["--prompt", PROMPT, "--sampler", "lcm", "--steps", "60"],
                 ["--prompt", PROMPT, "--strength", "0.5"], ["--prompt", "word " * 60],
                 ["--prompt", PROMPT, "--image", str(tmp_path / "missing.png"), "--strength", "0.5"],
-                ["--prompt", PROMPT, "--sampler", "lcm", "--steps", "0"], ["--prompt", PROMPT, "--num-images", "0"],
+                ["--prompt", PROMPT, "--sampler", "lcm", "--steps", "0"],
                 ["--prompt", PROMPT, "--guidance", "nan"]):
         assert main(["sample", *bad, "--out", str(tmp_path / "bad.png")]) == 2
         assert "error:" in capsys.readouterr().err
@@ -205,11 +205,17 @@ def test_cli_sample_writes_png_and_rejects_bad_input(tmp_path, capsys, monkeypat
                              (tmp_path / "s.xbm", "not an image file name PIL can write as RGB")):  # 1-bit only
         assert main(["sample", "--prompt", PROMPT, "--out", str(bad_out)]) == 2
         assert message in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # argparse: "a seed must be in [0, 2**63)"
-        main(["sample", "--prompt", PROMPT, "--seed", str(2**64)])
+    for bad in (["--seed", str(2**64)], ["--num-images", "0"]):  # argparse errors
+        with pytest.raises(SystemExit):
+            main(["sample", "--prompt", PROMPT, *bad])
     monkeypatch.undo()
     # non-finite images (damaged weights, fp16 overflow) are an error, not a black PNG
-    monkeypatch.setattr("lcm_lab.generation.generate", lambda *a, **k: torch.full((1, 3, 32, 32), float("nan")))
+    from lcm_lab.models.sd import load_ldm
+
+    broken = load_ldm()
+    with torch.no_grad():
+        broken.unet.conv_out.bias.fill_(float("nan"))
+    monkeypatch.setattr("lcm_lab.models.sd.load_ldm", lambda *a, **k: broken)
     assert main(["sample", "--prompt", PROMPT, "--out", str(tmp_path / "nan.png")]) == 2
     assert "non-finite images" in capsys.readouterr().err and not (tmp_path / "nan.png").exists()
 

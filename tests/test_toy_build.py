@@ -70,6 +70,10 @@ def test_build_is_deterministic_and_resumes(tmp_path, monkeypatch):
     # ...but a work folder may serve a build that differs only in a later stage (a new --out-dir)
     shared = tiny(tmp_path / "a", out_dir=str(tmp_path / "d"), teacher_lr=5e-4)
     assert build_all(shared)["build"]["teacher_lr"] == 5e-4
+    # ...and a cache with no record of its settings is refused, not adopted under the current ones
+    (tmp_path / "a" / "work" / "settings.json").unlink()
+    with pytest.raises(ValueError, match=r"train_data.npz has no record of the settings it was built with"):
+        build_all(tiny(tmp_path / "a", out_dir=str(tmp_path / "e")))
 
 
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path, monkeypatch):

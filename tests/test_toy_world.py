@@ -1,6 +1,7 @@
 """The toy world's dataset, captions, tokenizer and judge container (no trained assets needed)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -85,8 +86,9 @@ def test_write_folder(tmp_path):
     from PIL import Image
 
     world = ToyWorld(5)
-    (tmp_path / "data.partial").mkdir()  # left by an interrupted write: its files must not end up in the folder
-    (tmp_path / "data.partial" / "0000009.png").write_bytes(b"stale")
+    stale = tmp_path / f"data.partial-{os.getpid()}"  # an interrupted write's files must not end up in the folder
+    stale.mkdir()
+    (stale / "0000009.png").write_bytes(b"stale")
     out = world.write_folder(tmp_path / "data", 4)
     assert sorted(p.name for p in out.iterdir()) == [f"{i:07d}.png" for i in range(4)] + ["metadata.jsonl"]
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
@@ -94,7 +96,7 @@ def test_write_folder(tmp_path):
     for i, row in enumerate(rows):
         assert row["text"] == world[i].caption
         assert np.array_equal(np.asarray(Image.open(out / row["file_name"])), world[i].image)
-    assert not (tmp_path / "data.partial").exists()
+    assert not stale.exists()
     with pytest.raises(FileExistsError):
         world.write_folder(out, 1)
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import MetricSuite, atomic_write_text, evaluate, write_metrics
+from ..files import atomic_write_text
+from .evaluate import MetricSuite, evaluate, write_metrics
 
 PLOT_METRICS = ("fd", "fd_real", "accuracy", "clip", "fid", "kid", "hpsv2", "sec_per_image")
 SPEED_PROMPTS = (

@@ -51,7 +51,7 @@ def _int_in(low: int, high: int | None, what: str):
 
 
 seed_arg = _int_in(0, 2**63, "a seed must be in [0, 2**63)")
-_positive_int = _int_in(1, None, "expected a positive integer")
+positive_int = _int_in(1, None, "expected a positive integer")
 
 
 def _str_list(text: str) -> list[str]:
@@ -203,7 +203,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="pipeline folder (default: the embedded toy teacher)")
     s.add_argument("--sd15-random", action="store_true",
                    help="benchmark a random-weight SD1.5-architecture UNet (built in a temp folder, no download)")
-    s.add_argument("--latent-size", type=_positive_int, default=16, help="latent side for --sd15-random")
+    s.add_argument("--latent-size", type=positive_int, default=16, help="latent side for --sd15-random")
     s.add_argument("--sampler", default="lcm", choices=SAMPLERS)
     s.add_argument("--steps", type=int, default=4)
     s.add_argument("--batch-size", type=int, default=4)

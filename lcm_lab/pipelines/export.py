@@ -34,45 +34,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["export_lcm_pipeline", "export_lcm_sdxl_pipeline", "export_lora", "write_folder_atomically"]
+from ..files import write_folder_atomically
 
-
-def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` into ``<out>.partial-<pid>``, then move the result to ``out_dir``.
-
-    An existing ``out_dir`` is moved aside (``<out>.old-<pid>``) only after ``write`` succeeded, the new
-    folder is renamed into place, and the old one deleted; if the rename fails the old folder is restored.
-    """
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if out.exists():
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+__all__ = ["export_lcm_pipeline", "export_lcm_sdxl_pipeline", "export_lora"]
 
 
 def _check_student_unets(unet, target_unet, pipeline_name: str, plain_pipeline_name: str) -> None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from ..files import atomic_write_text
 from . import models
 from .judge import AttributeJudge
 from .tokenizer import load_clip_tokenizer, write_clip_tokenizer
@@ -90,17 +91,20 @@ def _refuse_other_settings(where: str, stage: str, saved: dict, cfg: BuildConfig
                          + ", ".join(f"{k}={old} (now {new})" for k, (old, new) in changed.items()) + f"; {hint}")
 
 
-def _check_work_cache(cfg: BuildConfig, stage: str) -> None:
-    """Refuse a finished work-folder cache (``data``, ``vae``, ``latents``) built with other settings;
-    record the settings of one about to be built (``settings.json`` in the work folder)."""
+def _check_work_cache(cfg: BuildConfig, stage: str, cache: Path) -> None:
+    """Refuse a work-folder cache (``data``, ``vae``, ``latents``) built with other settings, or one with no
+    record of them; record the settings of one about to be built (``settings.json`` in the work folder)."""
     record = Path(cfg.work_dir) / "settings.json"
     saved = json.loads(record.read_text()) if record.exists() else {}
     if stage in saved:
         _refuse_other_settings(cfg.work_dir, stage, saved[stage], cfg,
                                "use another --work-dir (or delete that folder's caches to rebuild them)")
         return
+    if cache.exists():
+        raise ValueError(f"{cache} has no record of the settings it was built with ({record}): delete it to "
+                         "rebuild it, or use another --work-dir")
     saved[stage] = _settings(cfg, stage)
-    _write_json_atomic(saved, record)
+    atomic_write_text(record, json.dumps(saved, indent=2))
 
 
 def _atomic_dir(final: Path):
@@ -120,12 +124,6 @@ def _atomic_dir(final: Path):
             return False
 
     return _Ctx()
-
-
-def _write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -234,7 +232,7 @@ class _Trainer:
 def build_data(cfg: BuildConfig) -> dict:
     """Render the training images once (the world is deterministic, so this is a cache)."""
     path = Path(cfg.work_dir) / "train_data.npz"
-    _check_work_cache(cfg, "data")
+    _check_work_cache(cfg, "data", path)
     if not path.exists():
         world = ToyWorld(cfg.seed, "train")
         images = np.empty((cfg.num_train_images, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
@@ -260,7 +258,7 @@ def train_vae(cfg: BuildConfig, data: dict) -> Path:
     """AutoencoderKL trained with MSE + L1 + a small KL; the scaling factor is set, as in
     SD, to 1/std of the latents so that scaled latents have unit variance."""
     final = Path(cfg.work_dir) / "vae"
-    _check_work_cache(cfg, "vae")
+    _check_work_cache(cfg, "vae", final)
     if final.exists():
         return final
     torch.manual_seed(cfg.seed)
@@ -294,7 +292,7 @@ def encode_latents(cfg: BuildConfig, data: dict, vae_dir: Path) -> dict:
     """Posterior mean/std of every training image (teacher data) and VAE reconstructions
     of the first ``num_recon_images`` (so reward model and judge see decoded images)."""
     path = Path(cfg.work_dir) / "latents.pt"
-    _check_work_cache(cfg, "latents")
+    _check_work_cache(cfg, "latents", path)
     if not path.exists():
         from diffusers import AutoencoderKL
 
@@ -514,5 +512,5 @@ def build_all(cfg: BuildConfig) -> dict:
         "build": asdict(cfg),
         "last_run_seconds": timings,  # per stage, in the run that finished the build (0 if already done)
     }
-    _write_json_atomic(manifest, out / "world.json")
+    atomic_write_text(out / "world.json", json.dumps(manifest, indent=2))
     return manifest

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -224,17 +223,18 @@ class ToyWorld:
         Written into a temporary folder that is renamed into place when complete."""
         from PIL import Image
 
+        from ..files import write_folder_atomically
+
         out = Path(out_dir)
         if out.exists():
             raise FileExistsError(f"{out} already exists; remove it or pick another folder")
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted earlier write's files must not end up in `out`
-        tmp.mkdir(parents=True)
-        with open(tmp / "metadata.jsonl", "w") as meta:
-            for i in range(start, start + n):
-                s = self[i]
-                name = f"{i:07d}.png"
-                Image.fromarray(s.image).save(tmp / name)
-                meta.write(json.dumps({"file_name": name, "text": s.caption, **s.attributes}) + "\n")
-        os.replace(tmp, out)
-        return out
+
+        def write(tmp: Path) -> None:
+            with open(tmp / "metadata.jsonl", "w") as meta:
+                for i in range(start, start + n):
+                    s = self[i]
+                    name = f"{i:07d}.png"
+                    Image.fromarray(s.image).save(tmp / name)
+                    meta.write(json.dumps({"file_name": name, "text": s.caption, **s.attributes}) + "\n")
+
+        return write_folder_atomically(out, write)

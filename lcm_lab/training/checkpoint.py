@@ -18,6 +18,8 @@ import torch
 from accelerate.utils import load
 from safetensors.torch import load_file, save_file
 
+from ..readable import first_line
+
 __all__ = ["CheckpointError", "checkpoint_dirs", "find_checkpoint", "check_resumable", "save_checkpoint",
            "load_checkpoint"]
 
@@ -33,12 +35,14 @@ def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
     return sorted(found, key=_step_of)
 
 
-def _step_of(folder: Path) -> int:
-    return int(folder.name[len(PREFIX):])
+def _step_of(folder: Path) -> int | None:
+    """The step in a ``checkpoint-<step>`` folder's name; None for any other name."""
+    digits = folder.name[len(PREFIX):]
+    return int(digits) if folder.name.startswith(PREFIX) and digits.isdigit() else None
 
 
 def recover_interrupted_swap(root: str | os.PathLike) -> list[Path]:
@@ -124,8 +128,7 @@ def check_resumable(path: Path, layout: dict | None = None) -> int:
     try:
         state = json.loads((path / "lcm_lab_state.json").read_text())
         step = int(state["step"])
-        named = path.name[len(PREFIX):] if path.name.startswith(PREFIX) else None
-        if step < 0 or (named is not None and named.isdigit() and int(named) != step):
+        if step < 0 or _step_of(path) not in (None, step):
             raise ValueError(f"it records step {step}")
     except Exception as e:
         raise CheckpointError(f"cannot resume from {path}: unreadable lcm_lab_state.json ({type(e).__name__}: {e}). "
@@ -157,9 +160,8 @@ def load_checkpoint(accelerator, path: Path, restore_extra: Callable[[dict], Non
         part = "extra/"
         restore_extra(extra)
     except Exception as e:  # a truncated or foreign file: say which checkpoint and which part of it
-        # Only the first line: torch's unpickling error goes on to suggest weights_only=False, not the fix here.
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {first} (reading {part}). If the "
-                              "model settings changed since it was saved (e.g. model.lora), resume with the saved "
-                              "ones; if the folder is damaged, delete it to resume from the previous checkpoint "
-                              "(with none left, the run starts over), or start a new train.output_dir.") from e
+        raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {first_line(e)} (reading {part}). "
+                              "If the model settings changed since it was saved (e.g. model.lora), resume with "
+                              "the saved ones; if the folder is damaged, delete it to resume from the previous "
+                              "checkpoint (with none left, the run starts over), or start a new "
+                              "train.output_dir.") from e

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..objectives.rg_lcd import RGLCDConfig, RGLCDLoss, build_expert
-from ..pipelines.export import write_folder_atomically
+from ..files import write_folder_atomically
 from ..rewards.lrm import LatentRewardModel, LRMTrainer, pretrain_lrm
 from .lcd import LCDRunConfig, LCDTask
 from .trainer import LoopConfig, step_generator, train
@@ -148,12 +148,16 @@ class RGLCDTask(LCDTask):
         each training batch (the loop's data order; posterior samples drawn with seed ``train.seed + 1``)."""
         cfg = self.config
         rank, n = self.accelerator.process_index, cfg.reward.lrm_pretrain_batch_size
-        for i, batch in enumerate(self.batches(rank, 0, count_skipped=False)):  # the loop counts them
-            gen = step_generator(cfg.train.seed + 1, rank, i)
-            latents, texts, _ = self._latents_and_text(batch, gen)
-            latents, texts = latents[:n], texts[:n]
-            if texts:
-                yield latents, self._encode_text(texts, gen).encoder_hidden_states, texts
+        data = self.batches(rank, 0, count_skipped=False)  # the loop counts them
+        try:
+            for i, batch in enumerate(data):
+                gen = step_generator(cfg.train.seed + 1, rank, i)
+                latents, texts, _ = self._latents_and_text(batch, gen)
+                latents, texts = latents[:n], texts[:n]
+                if texts:
+                    yield latents, self._encode_text(texts, gen).encoder_hidden_states, texts
+        finally:
+            data.close()  # with this generator's close(): the data loader stops now, not when collected
 
     # ------------------------------------------------------------------ checkpoints / export
     def extra_state(self) -> dict:

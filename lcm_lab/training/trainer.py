@@ -346,7 +346,7 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
             _validate(accelerator, task, out, done)
 
     counts = {k: int(v) for k, v in sums.items() if k in ("skipped_images", "truncated_captions") and v}
-    if counts:  # also logged every step; said once here, where a run without trackers shows it too
+    if counts:  # also logged every log_every steps; said once here, where a run without trackers shows it too
         accelerator.print("data: " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items())
                           + " (all processes)")
     accelerator.wait_for_everyone()
@@ -383,10 +383,8 @@ def _apply_optimizer_settings(optimizer, lr_scheduler, cfg: LoopConfig, say: Cal
         if old != cfg.learning_rate:
             changed["learning_rate"] = (old, cfg.learning_rate)
             scheduler.base_lrs[i] = group["initial_lr"] = cfg.learning_rate
-            if hasattr(scheduler, "lr_lambdas"):  # diffusers' schedules: exactly the rate at this point of the schedule
-                group["lr"] = cfg.learning_rate * scheduler.lr_lambdas[i](scheduler.last_epoch)
-            else:
-                group["lr"] *= cfg.learning_rate / old
+            # Every diffusers schedule is a LambdaLR: the rate at this point of the schedule, exactly.
+            group["lr"] = cfg.learning_rate * scheduler.lr_lambdas[i](scheduler.last_epoch)
     if changed:
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         say("resumed with " + ", ".join(f"{k}={new} (the checkpoint's: {old})" for k, (old, new) in changed.items()))
