@@ -79,6 +79,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from lcm_lab.files import atomic_write_text  # noqa: E402
 from lcm_lab.core.schedules import NoiseSchedule  # noqa: E402
 from lcm_lab.models.sd import encode_prompts, load_ldm  # noqa: E402
 from lcm_lab.models.student import make_w_student  # noqa: E402
@@ -731,10 +732,7 @@ def main(argv=None) -> dict | None:
         "wall_seconds": time.perf_counter() - t_start,
     }
     out = Path(args.out or f"outputs/lcd_step_speed_{args.scale}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(result, indent=1))
     result["markdown"] = markdown(result)
     print(result["markdown"])
     print(f"\nwrote {out}")

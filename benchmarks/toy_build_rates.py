@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from lcm_lab.files import atomic_write_text  # noqa: E402
 from lcm_lab.toy import build  # noqa: E402
 from lcm_lab.toy.models import CONTEXT_LENGTH  # noqa: E402
 from lcm_lab.toy.tokenizer import write_clip_tokenizer  # noqa: E402
@@ -101,10 +102,7 @@ def main() -> None:
         print(f"| {stage} | {result['seconds_per_step'].get(stage, '-')} | {minutes} |")
     print(f"| total | | {result['projected_total_minutes']} |")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(args.out)
+        atomic_write_text(args.out, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,17 +10,29 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "write_folder_atomically"]
+__all__ = ["atomic_write", "atomic_write_text", "write_folder_atomically"]
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temp file next to ``path``, then rename it over ``path``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Run ``write(tmp)`` on ``<path>.tmp``, then rename it over ``path``; a failed write leaves no temp file.
+
+    ``write`` gets the temp path and must write the whole file there, in the format ``path`` names (the temp
+    name's suffix is ``.tmp``, so writers that guess the format from it need the format passed explicitly).
+    """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to a temp file next to ``path``, then rename it over ``path``."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:

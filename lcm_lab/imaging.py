@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_write
+
 
 def to_rgb(img):
     """A decoded PIL image as 8-bit RGB. 16-bit grayscale (PNG's ``I;16``, or ``I``) is scaled to 8 bits;
@@ -84,13 +86,7 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
     img = Image.fromarray(arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        img.save(tmp, format=fmt)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return atomic_write(out, lambda tmp: img.save(tmp, format=fmt))
 
 
 def load_images(paths: list[str], size: int) -> torch.Tensor:

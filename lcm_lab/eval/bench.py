@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_write_text
+from ..files import atomic_write, atomic_write_text
 from .evaluate import MetricSuite, evaluate, write_metrics
 
 PLOT_METRICS = ("fd", "fd_real", "accuracy", "clip", "fid", "kid", "hpsv2", "sec_per_image")
@@ -227,9 +227,7 @@ def plot_results(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, 
             ax.legend(fontsize=7)
             fig.tight_layout()
             path = out / f"{metric}_vs_{axis}.png"
-            tmp = path.with_name(path.name + ".tmp")
-            fig.savefig(tmp, format="png")
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
             written[f"{metric}_vs_{axis}"] = path
     return written
 

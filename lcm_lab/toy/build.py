@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from ..files import atomic_write_text
+from ..files import atomic_write, atomic_write_text, write_folder_atomically
 from . import models
 from .judge import AttributeJudge
 from .tokenizer import load_clip_tokenizer, write_clip_tokenizer
@@ -107,29 +105,8 @@ def _check_work_cache(cfg: BuildConfig, stage: str, cache: Path) -> None:
     atomic_write_text(record, json.dumps(saved, indent=2))
 
 
-def _atomic_dir(final: Path):
-    """Context manager yielding a temp folder that replaces ``final`` on success."""
-
-    class _Ctx:
-        def __enter__(self):
-            self.tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp.mkdir(parents=True)
-            return self.tmp
-
-        def __exit__(self, exc_type, exc, tb):
-            if exc_type is None:
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(self.tmp, final)
-            return False
-
-    return _Ctx()
-
-
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _rng(cfg: BuildConfig, stage: str, step: int) -> np.random.Generator:
@@ -242,9 +219,12 @@ def build_data(cfg: BuildConfig) -> dict:
             images[i] = s.image
             captions.append(s.caption)
             labels.append([ATTRIBUTES[k].index(s.attributes[k]) for k in ATTRIBUTE_NAMES])
-        tmp = path.with_name("train_data.tmp.npz")
-        np.savez(tmp, images=images, captions=np.array(captions), labels=np.array(labels, np.int64))
-        os.replace(tmp, path)
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a bare .tmp name
+                np.savez(f, images=images, captions=np.array(captions), labels=np.array(labels, np.int64))
+
+        atomic_write(path, write)
     data = np.load(path)
     return {"images": data["images"], "captions": [str(c) for c in data["captions"]], "labels": data["labels"]}
 
@@ -282,8 +262,7 @@ def train_vae(cfg: BuildConfig, data: dict) -> Path:
         sample = _to_tensor(images[:2000]) * 2 - 1
         std = torch.cat([vae.encode(c).latent_dist.mean for c in sample.split(256)]).std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    with _atomic_dir(final) as tmp:
-        vae.save_pretrained(tmp)
+    write_folder_atomically(final, vae.save_pretrained)
     trainer.ckpt.unlink(missing_ok=True)
     return final
 
@@ -391,8 +370,7 @@ def train_teacher(cfg: BuildConfig, data: dict, latents: dict, vae_dir: Path, to
         vae=AutoencoderKL.from_pretrained(vae_dir), text_encoder=text_encoder, tokenizer=tokenizer,
         unet=unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
-    with _atomic_dir(final) as tmp:
-        pipe.save_pretrained(tmp)
+    write_folder_atomically(final, pipe.save_pretrained)
     trainer.ckpt.unlink(missing_ok=True)
     return final
 
@@ -441,10 +419,13 @@ def train_reward(cfg: BuildConfig, data: dict, latents: dict, tokenizer_dir: Pat
             model.logit_scale.clamp_(0, math.log(100))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    with _atomic_dir(final) as tmp:
+
+    def write(tmp: Path) -> None:
         config = {"model_cfg": models.REWARD_MODEL_CONFIG, "preprocess_cfg": models.REWARD_PREPROCESS_CONFIG}
         (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "open_clip_model.safetensors"))
+
+    write_folder_atomically(final, write)
     trainer.ckpt.unlink(missing_ok=True)
     return final
 
@@ -469,8 +450,7 @@ def train_judge(cfg: BuildConfig, data: dict, latents: dict) -> Path:
         trainer.update(loss)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    with _atomic_dir(final) as tmp:
-        judge.eval().save_pretrained(tmp)
+    write_folder_atomically(final, judge.eval().save_pretrained)
     trainer.ckpt.unlink(missing_ok=True)
     return final
 
@@ -496,8 +476,7 @@ def build_all(cfg: BuildConfig) -> dict:
 
     tokenizer_dir = work / "tokenizer"
     if not tokenizer_dir.exists():
-        with _atomic_dir(tokenizer_dir) as tmp:
-            write_clip_tokenizer(tmp, model_max_length=models.CONTEXT_LENGTH)
+        write_folder_atomically(tokenizer_dir, lambda tmp: write_clip_tokenizer(tmp, model_max_length=models.CONTEXT_LENGTH))
     data = timed("data", build_data, cfg)
     vae_dir = timed("vae", train_vae, cfg, data)
     latents = timed("latents", encode_latents, cfg, data, vae_dir)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..files import atomic_write
 from ..imaging import to_rgb
 
 DATASET_TYPES = ("toy", "folder", "webdataset")
@@ -359,12 +360,8 @@ class LatentCache:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the cache with ``torch.save`` to a temporary file, then rename it into place."""
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        torch.save({"mean": self.mean, "std": self.std, "text": self.text, "index": self.index}, tmp)
-        os.replace(tmp, out)
-        return out
+        state = {"mean": self.mean, "std": self.std, "text": self.text, "index": self.index}
+        return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LatentCache":
