@@ -8,8 +8,9 @@ is the same whatever the batch size or the other prompts in its batch (EDM's
 from __future__ import annotations
 
 import math
+import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +19,7 @@ from .core.denoiser import UNetModel
 from .core.noise import generators_for_seeds, randn
 from .core.parameterization import guidance_scale_embedding
 from .core.sampling import SAMPLERS, noised_start, timesteps_for
+from .core.schedules import NoiseSchedule
 from .models.sd import LDMParts
 from .core.conditioning import Conditioning
 
@@ -38,6 +40,51 @@ def resolve_steps(sampler: str, steps: int | None) -> int:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return steps
+
+
+def sampling_grid(scheduler_config: Mapping, sampler: str, steps: int | None = None, *, guidance_scale: float = 7.5,
+                  gamma: float = 0.3, strength: float = 1.0, original_inference_steps: int | None = None,
+                  schedule: NoiseSchedule | None = None) -> tuple[int, torch.Tensor]:
+    """``(steps, timesteps)`` that :func:`generate` runs for these settings on a model with ``scheduler_config``.
+
+    Needs no network, so entry points call it before loading models or metrics: impossible settings (an
+    unknown sampler, a non-finite guidance scale, TCD's gamma outside [0, 1], more steps than the training or
+    distillation grid has, an img2img strength that leaves no step) fail before any work.
+
+    Args:
+        scheduler_config: the model's ``scheduler/scheduler_config.json``; its schedule is built from it unless
+            ``schedule`` (the model's own) is given.
+        original_inference_steps: LCM/TCD distillation grid; default the config's, or 50.
+        Other arguments: as in :func:`generate`.
+    """
+    steps = resolve_steps(sampler, steps)
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
+    if sampler == "tcd" and not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"TCD's gamma must be in [0, 1], got {gamma}")
+    if schedule is None:
+        schedule = NoiseSchedule.from_scheduler(scheduler_config)
+    if original_inference_steps is None:
+        original_inference_steps = int(scheduler_config.get("original_inference_steps", 50))
+    return steps, timesteps_for(sampler, steps, schedule, strength, original_inference_steps)
+
+
+def _check_init_images(images: torch.Tensor, num_prompts: int, image_size: int) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"init images must be a (N, 3, H, W) RGB tensor, got {shape} "
+                         "(lcm_lab.imaging.load_images reads files in that form)")
+    if len(images) != num_prompts:
+        raise ValueError(f"got {len(images)} init images for {num_prompts} prompts: pass one per prompt")
+    if tuple(images.shape[-2:]) != (image_size, image_size):
+        raise ValueError(f"init images are {tuple(images.shape[-2:])} px but the model generates {image_size} px; "
+                         "resize them (lcm_lab.imaging.load_images(..., size=...))")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("init images hold NaN or inf values")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"init images must be floats in [0, 1], got min {lo:.4g}, max {hi:.4g} "
+                         "(divide 8-bit images by 255)")
 
 
 def generate(
@@ -97,38 +144,34 @@ def generate(
         raise TypeError("prompts must be a sequence of strings (one per image), e.g. [\"a red circle\"]")
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-    if any(not 0 <= int(s) < 2**63 for s in seeds):  # per-seed noise seeds int64 generators
+    if not all(isinstance(s, numbers.Integral) for s in seeds):  # int(1.5) would silently give another image
+        raise TypeError(f"seeds must be integers, got {[s for s in seeds if not isinstance(s, numbers.Integral)][:3]}")
+    if any(not 0 <= s < 2**63 for s in seeds):  # per-seed noise seeds int64 generators
         raise ValueError(f"seeds must be in [0, 2**63), got {min(seeds)}..{max(seeds)}")
     if not prompts:
         raise ValueError("no prompts: nothing to generate")
-    if not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    steps = resolve_steps(sampler, steps)
-    if images is None and strength != 1.0:
-        raise ValueError("strength < 1 needs init images (--image)")
-    if images is not None and len(images) != len(prompts):
-        raise ValueError(f"got {len(images)} init images for {len(prompts)} prompts: pass one per prompt")
+    steps, timesteps = sampling_grid(model.scheduler_config, sampler, steps, guidance_scale=guidance_scale,
+                                     gamma=gamma, strength=strength, original_inference_steps=original_inference_steps,
+                                     schedule=model.schedule)
     if output not in ("images", "latents"):
         raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
     factor = model.vae_scale_factor
-    image_size = image_size or model.image_size
-    if image_size % factor:
-        raise ValueError(f"image size {image_size} is not a multiple of the VAE's scale factor {factor}")
+    image_size = model.image_size if image_size is None else image_size
+    if image_size < factor or image_size % factor:
+        raise ValueError(f"image size {image_size} is not a positive multiple of the VAE's scale factor {factor}")
+    if images is None and strength != 1.0:
+        raise ValueError("strength < 1 needs init images (--image)")
+    if images is not None:
+        _check_init_images(images, len(prompts), image_size)
     schedule, device, dtype = model.schedule, model.device, next(model.unet.parameters()).dtype
-    if original_inference_steps is None:
-        original_inference_steps = int(model.scheduler_config.get("original_inference_steps", 50))
-    timesteps = timesteps_for(sampler, steps, schedule, strength, original_inference_steps)
     sample_fn = SAMPLERS[sampler]
     kwargs = {"gamma": gamma} if sampler == "tcd" else {}
     if sampler == "lcm":
         kwargs["timestep_scaling"] = float(timestep_scaling if timestep_scaling is not None
                                            else model.scheduler_config.get("timestep_scaling", 10.0))
     latent_shape = (model.latent_shape[0], image_size // factor, image_size // factor)
-    if images is not None and tuple(images.shape[-2:]) != (image_size, image_size):
-        raise ValueError(f"init images are {tuple(images.shape[-2:])} px but the model generates {image_size} px; "
-                         "resize them (lcm_lab.imaging.load_images(..., size=...))")
     # By default about one 1024 px image per VAE decode call: the decoder's activations dominate memory there.
     decode_chunk = decode_chunk_size or max(1, min(64, 2**20 // image_size**2))
     w_cond = is_w_conditioned(model.unet)

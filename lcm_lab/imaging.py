@@ -16,9 +16,15 @@ from .files import atomic_write
 
 def to_rgb(img):
     """A decoded PIL image as 8-bit RGB. 16-bit grayscale (PNG's ``I;16``, or ``I``) is scaled to 8 bits;
-    PIL's own ``convert("RGB")`` clips those values at 255, which turns almost every such image white."""
+    PIL's own ``convert("RGB")`` clips those values at 255, which turns almost every such image white.
+
+    Raises:
+        ValueError: a 32-bit float image (mode ``F``), whose range is unknown.
+    """
     from PIL import Image
 
+    if img.mode == "F":  # 32-bit float levels have no agreed range (0..1? 0..255?): convert("RGB") clips them
+        raise ValueError("32-bit float image (PIL mode F): save it as an 8- or 16-bit image first")
     if img.mode.startswith("I"):
         levels = np.asarray(img).astype(np.float64)
         # "I" is also how PIL opens 16-bit PGMs; one whose levels stay within 0..255 is read as 8-bit.
@@ -63,11 +69,17 @@ def image_format(path: str | os.PathLike) -> str:
     """The PIL format an image file written to ``path`` gets, from its extension (``.png`` -> ``"PNG"``).
 
     Raises:
-        ValueError: ``path`` is a folder, or its extension is not an image format PIL can write.
+        ValueError: ``path`` is a folder or lies under a file, or its extension is not an image format PIL
+            can write.
     """
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give an image file name such as {path / 'sample.png'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{path}: {parent} is a file, so no folder can be made there")
     fmt = _rgb_format(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: not an image file name PIL can write as RGB (use .png, .jpg or .webp)")
@@ -104,6 +116,8 @@ def load_images(paths: list[str], size: int) -> torch.Tensor:
                 out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255)
         except FileNotFoundError:
             raise ValueError(f"init image {p} does not exist") from None
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ValueError(f"cannot read init image {p}: {exc}") from None
+    if not out:
+        raise ValueError("no init images given")
     return torch.stack(out)

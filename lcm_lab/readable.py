@@ -7,9 +7,20 @@ import os
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an error's message (at most 300 characters): torch's unpickling error goes on to
-    suggest ``weights_only=False``, which is not the fix for a corrupt file."""
-    return (str(error).strip().splitlines() or [""])[0][:300]
+    """The first line of an error's message (at most 300 characters; a line ending in ":" with the next one).
+
+    torch's weights-only unpickling error is rewritten: its first line advises ``weights_only=False``, i.e.
+    running whatever code the file holds, which is never the fix for a corrupt or foreign file.
+    """
+    lines = str(error).strip().splitlines() or [""]
+    if lines[0].startswith("Weights only load failed"):
+        detail = [ln.strip() for ln in lines[1:] if ln.strip() and not ln.startswith(("Please file", "Check the doc"))]
+        return ("not a plain tensor file, refused by torch.load(weights_only=True)"
+                + (f": {detail[0]}" if detail else ""))[:300]
+    rest = [ln.strip() for ln in lines[1:] if ln.strip()]
+    if lines[0].rstrip().endswith(":") and rest:  # "Error(s) in loading state_dict for X:" + the first error
+        return f"{lines[0].strip()} {rest[0]}"[:300]
+    return lines[0][:300]
 
 
 @contextlib.contextmanager
@@ -33,3 +44,20 @@ def reading(path: str | os.PathLike, what: str):
                                     "--local-dir DIR` once, on a machine with internet access.") from e
         raise ValueError(f"cannot read {what} {path} ({type(e).__name__}: {first}); the file may be truncated "
                          "or not the expected model: download or rebuild it again") from e
+
+
+def from_pretrained_complete(cls, folder: str | os.PathLike, what: str, **kwargs):
+    """``cls.from_pretrained(folder, **kwargs)`` (a diffusers or transformers class) inside :func:`reading`,
+    refusing weights that lack some of the model's tensors or hold them in another shape.
+
+    Both libraries only log such tensors and initialise them at random (or leave them on the meta device),
+    so another model's file, or one with a tensor dropped, would otherwise load "fine".
+    """
+    with reading(folder, what):
+        model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+        bad = [str(k) for k in info.get("missing_keys") or ()]
+        bad += [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ()]
+        if bad:
+            raise ValueError(f"{len(bad)} tensor(s) of the model missing from its weights or of another shape, "
+                             f"e.g. {bad[:3]}")
+    return model

@@ -300,6 +300,89 @@ def test_errors_before_generation(ldm, prompt_file, tmp_path):
 
     with pytest.raises(ValueError, match="3 init images for 2 prompts"):
         generate(ldm, PROMPTS[:2], [0, 1], images=torch.rand(3, 3, 16, 16), strength=0.5, progress=False)
+    bad_inputs = (
+        (dict(images=torch.rand(2, 1, 16, 16), strength=0.5), ValueError, r"must be a \(N, 3, H, W\) RGB tensor"),
+        (dict(images=torch.rand(3, 16, 16), strength=0.5), ValueError, r"must be a \(N, 3, H, W\) RGB tensor"),
+        (dict(images=torch.full((2, 3, 16, 16), torch.nan), strength=0.5), ValueError, "NaN or inf"),
+        (dict(images=torch.rand(2, 3, 16, 16) * 255, strength=0.5), ValueError, r"floats in \[0, 1\]"),
+        (dict(image_size=0), ValueError, "image size 0 is not a positive multiple"),
+        (dict(image_size=-32), ValueError, "image size -32 is not a positive multiple"),
+        (dict(steps=1000), ValueError, "1000 leading DDIM steps with steps_offset 1 reach timestep 1000.*fewer steps"),
+        (dict(sampler="tcd", gamma=1.5), ValueError, r"gamma must be in \[0, 1\], got 1.5"),
+    )
+    for kwargs, error, match in bad_inputs:
+        with pytest.raises(error, match=match):
+            generate(ldm, PROMPTS[:2], [0, 1], progress=False, **kwargs)
+    with pytest.raises(TypeError, match=r"seeds must be integers, got \[1.5\]"):  # not silently seed 1
+        generate(ldm, PROMPTS[:2], [0, 1.5], progress=False)
+    torch.testing.assert_close(generate(ldm, PROMPTS[:1], [np.int64(3)], steps=1, progress=False),
+                               generate(ldm, PROMPTS[:1], [3], steps=1, progress=False), rtol=0, atol=0)
+
+
+def test_saved_images_of_an_earlier_run_survive_a_failed_one(ldm, tiny_sd, prompt_file, tmp_path):
+    from lcm_lab.imaging import save_grid
+    from lcm_lab.models.sd import load_ldm
+
+    images = tmp_path / "images"
+    save_grid(torch.rand(1, 3, 16, 16), images / "00007.png")  # from an earlier run with 8 images
+    broken = load_ldm(tiny_sd)
+    with torch.no_grad():
+        broken.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError):
+        evaluate(broken, "ddim", 1, str(prompt_file), num_samples=2, metrics=[], progress=False, warmup=False,
+                 save_images_dir=images)
+    assert (images / "00007.png").exists()
+    evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=2, metrics=[], progress=False, warmup=False,
+             save_images_dir=images)
+    assert [p.name for p in _pngs(images)] == ["00000.png", "00001.png"]  # a finished run removes the stale one
+
+
+def test_cli_refuses_impossible_settings_before_any_work(tiny_sd, prompt_file, tmp_path, monkeypatch):
+    """Settings that cannot run fail before a network is loaded or a row is written, so an earlier run's
+    results in --out stay as they were."""
+    import lcm_lab.eval.bench as bench
+    import lcm_lab.models.sd as sd
+    from lcm_lab.eval.commands import add_bench_parser, add_eval_parser
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a model was loaded or built before the settings were checked")
+
+    monkeypatch.setattr(sd, "load_ldm", no_work)
+    monkeypatch.setattr(bench, "build_random_pipeline", no_work)
+    parser = argparse.ArgumentParser(prog="lcm-lab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_eval_parser(sub)
+    add_bench_parser(sub)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("metrics.json", "results.json"):
+        (out / name).write_text("[earlier rows]")
+    model = ["--model", str(tiny_sd)]
+    cases = (
+        (["eval", *model, "--steps", "1,5000"], "num_inference_steps"),
+        (["eval", *model, "--guidance", "nan"], "guidance_scale must be a finite number"),
+        (["eval", *model, "--sampler", "tcd", "--gamma", "5"], r"gamma must be in \[0, 1\]"),
+        (["eval", *model, "--metrics", "fd", "--prompts", str(prompt_file)], "need the toy world's prompts"),
+        (["bench", "quality", "--models", f"{tiny_sd},{tmp_path / 'missing'}"], "missing does not exist"),
+        (["bench", "quality", "--models", str(tiny_sd), "--samplers", "ddim,lcm", "--steps", "2,60"],
+         "num_inference_steps"),
+        (["bench", "speed", "--sd15-random", "--sampler", "lcm", "--steps", "100"], "num_inference_steps"),
+        (["bench", "speed", *model, "--out", str(out / "metrics.json")], "is a file"),
+    )
+    for argv, match in cases:
+        args = parser.parse_args([*argv, *([] if "--out" in argv else ["--out", str(out)])])
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            args.func(args)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"metrics.json": "[earlier rows]",
+                                                            "results.json": "[earlier rows]"}
+    bad_options = [["eval", "--metrics", "fid,foo"], ["eval", "--device", "tpu"], ["eval", "--num-samples", "0"],
+                   ["eval", "--batch-size", "0"], ["bench", "speed", "--repeats", "0"],
+                   ["bench", "speed", "--warmup", "-1"], ["bench", "speed", "--steps", "0"]]
+    if not torch.cuda.is_available():
+        bad_options.append(["bench", "speed", "--device", "cuda"])
+    for argv in bad_options:
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
 
 
 def test_non_finite_images_stop_the_evaluation(tiny_sd, prompt_file):

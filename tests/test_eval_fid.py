@@ -190,6 +190,8 @@ def test_images_outside_unit_range_are_an_error():
     assert int(fidmod.to_uint8_tensor(images * 0 + 1.001).min()) == 255  # decoder rounding overshoot: clamped
     with pytest.raises(ValueError, match=r"expected float images in \[0, 1\], got min -0.*x / 2 \+ 0.5"):
         fidmod.to_uint8_tensor(images * 2 - 1)
+    with pytest.raises(ValueError, match="NaN or inf"):  # NaN would pass the range check and count as black
+        fidmod.to_uint8_tensor(torch.where(images > 0.5, images, torch.nan))
 
 
 def test_fewer_than_two_samples_is_a_value_error(inception64):
@@ -234,6 +236,11 @@ def test_lookup_order_and_wrong_file(inception_file, tmp_path, monkeypatch):
         load_inception(bad)
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read Inception weights .*bad.pth"):
+        load_inception(bad)
+    state = torch.load(inception_file, weights_only=True)
+    state["fc.weight"] = torch.zeros(10, 2048)  # the keys checked up front are there, a shape is wrong
+    torch.save(state, bad)
+    with pytest.raises(ValueError, match=r"cannot read Inception weights .*bad.pth .*size mismatch for fc.weight"):
         load_inception(bad)
     with pytest.raises(ValueError, match="feature must be one of"):
         load_inception(inception_file, feature=100)

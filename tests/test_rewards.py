@@ -5,6 +5,7 @@ JPEG rewards, the registry and weighted specs, and missing-weight errors."""
 import importlib.util
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -377,6 +378,8 @@ def test_jpeg_rewards_order_flat_above_noisy():
         buffer, format="JPEG", quality=95)
     assert i[1].item() == pytest.approx(buffer.tell() / 1000, abs=1e-6)
     assert 0 < i[0] < i[1]
+    with pytest.raises(ValueError, match="NaN or inf"):  # not cast to a gray level and given a size
+        comp(torch.cat([flat, flat * torch.nan]), None)
 
 
 # ----------------------------------------------------------------------------- registry and specs
@@ -485,8 +488,11 @@ def test_missing_weights_name_file_source_and_env(tmp_path, monkeypatch):
     assert "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" in str(info.value)
     assert "LCM_LAB_PICKSCORE_PROCESSOR_DIR" in str(info.value)
 
+    with pytest.raises(FileNotFoundError, match=f"toy-clip: {tmp_path} is not an open_clip model folder"):
+        load_reward("toy-clip", path=tmp_path)  # a folder the user named: no advice to build the toy assets
+    monkeypatch.setenv("LCM_LAB_TOY_CLIP_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="build_toy_assets"):
-        load_reward("toy-clip", path=tmp_path)
+        load_reward("toy-clip")
 
 
 def test_corrupt_weight_files_name_the_file(tmp_path, open_clip_dir, hps_checkpoint):
@@ -507,6 +513,62 @@ def test_corrupt_weight_files_name_the_file(tmp_path, open_clip_dir, hps_checkpo
         (broken / f.name).write_bytes(data[:len(data) // 2] if f.suffix == ".safetensors" else data)
     with pytest.raises(ValueError, match=f"cannot read open_clip model folder {broken}"):
         CLIPScoreReward(broken)
+
+
+def test_pickled_code_is_refused_without_running_it(tmp_path, hps_checkpoint):
+    """A pickle that runs code on load is refused by every torch.load (weights_only=True), and the message
+    does not pass on torch's advice to load it with weights_only=False."""
+    import os
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    hps = tmp_path / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": Evil()}, hps)
+    with pytest.raises(ValueError, match=r"cannot read HPS v2.1 checkpoint .*not a plain tensor file, refused by "
+                                         r"torch.load\(weights_only=True\): .*posix.system") as info:
+        HPSv2Reward(checkpoint=hps, arch=str(hps_checkpoint / "tiny_arch.json"))
+    assert "False" not in str(info.value) and not marker.exists()
+
+
+def test_wrong_or_partial_files_name_the_file(tmp_path, open_clip_dir, pickscore_dir, hps_checkpoint):
+    import shutil
+
+    # another model's weights under PickScore's file name: transformers would only log the missing tensors
+    pick = tmp_path / "pick"
+    shutil.copytree(pickscore_dir, pick)
+    shutil.copy(open_clip_dir / "open_clip_model.safetensors", pick / "model.safetensors")
+    with pytest.raises(ValueError, match=r"cannot read PickScore model folder .*45 tensor\(s\) of the model missing "
+                                         r"from its weights or of another shape"):
+        PickScoreReward(model_dir=pick)
+    shutil.copy(pickscore_dir / "model.safetensors", pick / "model.safetensors")
+    (pick / "vocab.json").write_text("{bad")
+    with pytest.raises(ValueError, match="cannot read PickScore processor folder .*pick"):
+        PickScoreReward(model_dir=pick)
+    shutil.copy(pickscore_dir / "vocab.json", pick / "vocab.json")
+    (pick / "preprocessor_config.json").write_text("{bad")
+    with pytest.raises(ValueError, match="cannot read image processor config .*preprocessor_config.json"):
+        PickScoreReward(model_dir=pick)
+
+    arch = tmp_path / "arch.json"
+    for text, match in (("{bad", "is not valid UTF-8 JSON"), ("[1, 2]", "holds a JSON list, not an object")):
+        arch.write_text(text)
+        with pytest.raises(ValueError, match=f"open_clip model config {arch} {re.escape(match)}"):
+            HPSv2Reward(checkpoint=hps_checkpoint / "HPS_v2.1_compressed.pt", arch=str(arch))
+
+    state = {f"layers.{k}": v for k, v in torch.nn.Sequential(
+        torch.nn.Linear(16, 1024), torch.nn.Dropout(), torch.nn.Linear(1024, 128), torch.nn.Dropout(),
+        torch.nn.Linear(128, 64), torch.nn.Dropout(), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1)
+    ).state_dict().items()}
+    del state["layers.7.bias"]
+    head = tmp_path / "head.pth"
+    torch.save(state, head)
+    with pytest.raises(ValueError, match=r"cannot read aesthetic-predictor head .*head.pth .*Missing key\(s\) in "
+                                         r"state_dict: \"layers.7.bias\""):
+        AestheticReward(head=head, clip_checkpoint=open_clip_dir)
 
 
 def test_imagereward_optional_dependency():

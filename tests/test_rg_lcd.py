@@ -3,6 +3,7 @@ models under training, the LRM learning a non-differentiable expert, exact resum
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -471,6 +472,28 @@ def test_lrm_reads_toy_and_sd_latents():
             mixed = lrm(latents, states)
     assert mixed.dtype == torch.float32 and torch.equal(mixed, ref)
     assert sum(p.numel() for p in lrm.parameters()) < 5_000_000  # "small" stays small
+
+
+def test_lrm_folder_round_trip_and_a_config_that_does_not_match_its_weights(tmp_path):
+    torch.manual_seed(0)
+    lrm = LatentRewardModel.from_arch("tiny", text_dim=64)
+    folder = lrm.save_pretrained(tmp_path / "lrm")
+    loaded = LatentRewardModel.from_pretrained(folder)
+    assert loaded.config == lrm.config
+    assert all(torch.equal(v, lrm.state_dict()[k]) for k, v in loaded.state_dict().items())
+    good = (folder / "config.json").read_text()
+    # checked against the weights' header before anything is built: depth 10**6 would build for minutes
+    for change, match in (({"depth": 10**6}, "config depth 1000000 does not match the weights' 5 image-tower stages"),
+                          ({"width": 10**5}, "config.json does not match model.safetensors: .* tensors missing or of "
+                                             "another shape"),
+                          ({"heads": 4}, "TypeError: .*unexpected keyword argument 'heads'")):
+        (folder / "config.json").write_text(json.dumps({**lrm.config, **change}))
+        with pytest.raises(ValueError, match=f"cannot read LRM folder {folder} .*{match}"):
+            LatentRewardModel.from_pretrained(folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a JSON list, not an object"):
+        LatentRewardModel.from_pretrained(folder)
+    (folder / "config.json").write_text(good)
 
 
 def test_lrm_pretraining_learns_the_experts_score_matrix(tmp_path):

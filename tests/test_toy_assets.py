@@ -2,6 +2,7 @@
 pipeline, the judge's accuracy, and the `lcm-lab sample` / `demo` commands."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -137,8 +138,31 @@ def test_corrupt_model_files_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"UNet .*unet has no weights file: .*no file named"):
         load_ldm(teacher)
     shutil.copytree(toy_teacher_dir() / "unet", teacher / "unet", dirs_exist_ok=True)
-    (teacher / "scheduler" / "scheduler_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="cannot read scheduler config .*scheduler_config.json"):
+    from safetensors.torch import load_file, save_file
+
+    for part, dropped in (("unet", "conv_out.weight"), ("text_encoder", "final_layer_norm.weight")):
+        # diffusers and transformers only log a tensor missing from the weights (and leave it random or on meta)
+        weights = next((teacher / part).glob("*.safetensors"))
+        state = load_file(weights)
+        del state[dropped]
+        save_file(state, weights)
+        with pytest.raises(ValueError, match=rf"cannot read .* {teacher / part} .*1 tensor\(s\) of the model missing "
+                                             rf"from its weights .*{re.escape(dropped)}"):
+            load_ldm(teacher)
+        shutil.copytree(toy_teacher_dir() / part, teacher / part, dirs_exist_ok=True)
+    (teacher / "tokenizer" / "tokenizer.json").unlink()  # transformers would build a 2-token tokenizer
+    with pytest.raises(FileNotFoundError, match="tokenizer folder .*tokenizer has neither tokenizer.json nor "
+                                                "vocab.json"):
+        load_ldm(teacher)
+    shutil.copytree(toy_teacher_dir() / "tokenizer", teacher / "tokenizer", dirs_exist_ok=True)
+    config = teacher / "scheduler" / "scheduler_config.json"
+    good = config.read_text()
+    for text in ("{not json", good.replace('"beta_end": 0.012', '"beta_end": "abc"')):
+        config.write_text(text)
+        with pytest.raises(ValueError, match="cannot read scheduler config .*scheduler_config.json"):
+            load_ldm(teacher)
+    config.unlink()
+    with pytest.raises(FileNotFoundError, match="lacks scheduler/scheduler_config.json. Copy the scheduler/"):
         load_ldm(teacher)
     judge = tmp_path / "judge"
     shutil.copytree(toy_teacher_dir().parent / "judge", judge)
@@ -202,7 +226,8 @@ def test_cli_sample_writes_png_and_rejects_bad_input(tmp_path, capsys, monkeypat
     capsys.readouterr()
     monkeypatch.setattr("lcm_lab.models.sd.load_ldm", lambda *a, **k: pytest.fail("sampled before checking --out"))
     for bad_out, message in ((tmp_path, "is a folder"), (tmp_path / "s.txt", "not an image file name"),
-                             (tmp_path / "s.xbm", "not an image file name PIL can write as RGB")):  # 1-bit only
+                             (tmp_path / "s.xbm", "not an image file name PIL can write as RGB"),  # 1-bit only
+                             (tmp_path / "s.jpg" / "deeper" / "s.png", "s.jpg is a file, so no folder can be made")):
         assert main(["sample", "--prompt", PROMPT, "--out", str(bad_out)]) == 2
         assert message in capsys.readouterr().err
     for bad in (["--seed", str(2**64)], ["--num-images", "0"]):  # argparse errors

@@ -173,6 +173,16 @@ def test_16_bit_grayscale_images_read_as_their_8_bit_levels(tmp_path):
     for stored in (levels.astype(np.int32) * 257, levels.astype(np.int32)):
         image = Image.fromarray(stored)
         assert image.mode == "I" and np.array_equal(np.asarray(to_rgb(image))[..., 0], levels)
+    # 32-bit float levels have no agreed range: refused (PIL's convert would clip 0..1 floats to black)
+    Image.fromarray(levels.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    assert Image.open(tmp_path / "float.tif").mode == "F"
+    with pytest.raises(ValueError, match=r"cannot read init image .*float.tif: 32-bit float image \(PIL mode F\)"):
+        load_images([str(tmp_path / "float.tif")], 32)
+    with pytest.raises(ValueError, match="cannot read reference image .*float.tif: 32-bit float"):
+        load_reference_images([tmp_path / "float.tif"], 32)
+    (root / "b.tif").write_bytes((tmp_path / "float.tif").read_bytes())
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "b.tif", "text": "floats"}) + "\n")
+    assert ImageCaptionFolder(root, resolution=32)[0] is None  # a counted skip in training data
 
 
 def test_random_hflip_is_a_function_of_the_generator():

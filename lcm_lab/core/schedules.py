@@ -508,7 +508,8 @@ def ddim_timesteps(
         raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}.")
     if int(ts.max()) >= T:
         raise ValueError(
-            f"`steps_offset` ({steps_offset}) pushes the grid past num_train_timesteps - 1 ({T - 1})."
+            f"{n} {timestep_spacing} DDIM steps with steps_offset {steps_offset} reach timestep {int(ts.max())}, past "
+            f"num_train_timesteps - 1 ({T - 1}): use fewer steps"
         )
     return torch.from_numpy(ts).long()
 

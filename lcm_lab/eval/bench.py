@@ -151,9 +151,14 @@ def bench_quality(models: Sequence, samplers: Sequence[str], steps_list: Sequenc
         interrupted run keeps what it finished.
     """
     from ..models.sd import load_ldm
-    from .evaluate import _default_device, read_rows, resolve_prompts
+    from .evaluate import _default_device, check_metric_names, check_sampling, read_rows, resolve_prompts
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a folder for results.json, results.md and the plots")
+    check_sampling(models, samplers, steps_list, guidance, gamma)
+    if metrics is not None:
+        check_metric_names(metrics, toy=prompt_set == "toy")
     previous = read_rows(out / "results.json") if resume else []
     device = device or _default_device()
     rows: list[dict] = []
@@ -358,8 +363,8 @@ def bench_speed(model_path: str | os.PathLike | None = None, *, sd15_random: boo
         working memory), ``process_peak_rss_mb``, ``max_abs_diff``, ``outputs_match`` and the settings.
     """
     from ..core.noise import generators_for_seeds
-    from ..generation import generate, resolve_steps
-    from ..models.sd import load_ldm
+    from ..generation import generate, sampling_grid
+    from ..models.sd import check_pipeline_dir, load_ldm, load_schedule, toy_teacher_dir
     from .evaluate import _default_device, _sync
 
     if repeats < 1 or warmup < 0 or batch_size < 1:
@@ -369,7 +374,12 @@ def bench_speed(model_path: str | os.PathLike | None = None, *, sd15_random: boo
 
         guidance = TEACHER_GUIDANCE
     device = torch.device(device or _default_device())
-    steps = resolve_steps(sampler, steps)  # before the (possibly random SD1.5) pipeline is built
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"{out_dir} is a file; give a folder for results.json and results.md")
+    # before the (possibly random SD1.5) pipeline is built
+    scheduler_config = SD_SCHEDULER_CONFIG if sd15_random else load_schedule(
+        check_pipeline_dir(model_path if model_path is not None else toy_teacher_dir()))[0]
+    steps, _ = sampling_grid(scheduler_config, sampler, steps, guidance_scale=guidance, gamma=gamma)
     tmp = None
     try:
         if sd15_random:

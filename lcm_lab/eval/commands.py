@@ -52,6 +52,26 @@ def _int_in(low: int, high: int | None, what: str):
 
 seed_arg = _int_in(0, 2**63, "a seed must be in [0, 2**63)")
 positive_int = _int_in(1, None, "expected a positive integer")
+non_negative_int = _int_in(0, None, "expected an integer >= 0")
+
+
+def device_arg(text: str) -> str:
+    """An argparse ``type``: a torch device string this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA GPU on this machine; use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine; use cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"device type {device.type!r} is not supported; use cpu or cuda")
+    return text
 
 
 def _str_list(text: str) -> list[str]:
@@ -63,7 +83,12 @@ def _str_list(text: str) -> list[str]:
 
 def _metric_list(text: str) -> list[str]:
     """Comma-separated metric names; an empty string means "timing only"."""
-    return [v.strip() for v in text.split(",") if v.strip()]
+    from .evaluate import check_metric_names
+
+    try:
+        return list(check_metric_names(text.split(","), toy=True))  # toy-only metrics: checked with --prompts
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _sampler_list(text: str) -> list[str]:
@@ -75,16 +100,16 @@ def _sampler_list(text: str) -> list[str]:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-samples", type=int, default=None,
+    p.add_argument("--num-samples", type=positive_int, default=None,
                    help="images per row (default: 1000 for toy, else one per prompt; prompts cycle)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the toy teacher's 5.0)")
     p.add_argument("--gamma", type=float, default=0.3, help="TCD stochasticity gamma")
     p.add_argument("--prompts", default="toy", help="toy | FILE (one prompt per line) | hps:DIR | coco:FILE")
-    p.add_argument("--per-style", type=int, default=None, help="HPS benchmark prompts per style")
+    p.add_argument("--per-style", type=positive_int, default=None, help="HPS benchmark prompts per style")
     p.add_argument("--seed", type=seed_arg, default=0, help="base seed: image i gets seed+i")
-    p.add_argument("--batch-size", type=int, default=32, help="images per sampler call")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per sampler call")
     p.add_argument("--truncate", action="store_true", help="truncate over-long prompts instead of failing")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--device", type=device_arg, default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--save-images", action="store_true", help="also write every image as PNG (+ captions.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--resume", action="store_true",
@@ -154,12 +179,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Handler of ``lcm-lab eval``: one row per step count in ``--steps``."""
     from ..generation import DEFAULT_STEPS
     from ..models.sd import load_ldm
-    from .evaluate import (MetricSuite, _default_device, evaluate, format_table, read_rows, resolve_prompts,
-                           write_metrics)
+    from .evaluate import (MetricSuite, _default_device, check_metric_names, check_sampling, evaluate, format_table,
+                           read_rows, resolve_prompts, write_metrics)
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # found now, not after every row has been computed
         raise ValueError(f"--out {out} is a file; give a folder for metrics.json, metrics.md and images")
+    check_sampling([args.model], [args.sampler], args.steps, args.guidance, args.gamma)
+    if args.metrics is not None:
+        check_metric_names(args.metrics, toy=args.prompts == "toy")
     ldm = load_ldm(args.model, device=args.device or _default_device())
     num = args.num_samples if args.num_samples is not None else (1000 if args.prompts == "toy" else None)
     pset = resolve_prompts(args.prompts, num, ldm.tokenizer, args.per_style)
@@ -205,14 +233,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="benchmark a random-weight SD1.5-architecture UNet (built in a temp folder, no download)")
     s.add_argument("--latent-size", type=positive_int, default=16, help="latent side for --sd15-random")
     s.add_argument("--sampler", default="lcm", choices=SAMPLERS)
-    s.add_argument("--steps", type=int, default=4)
-    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--steps", type=positive_int, default=4)
+    s.add_argument("--batch-size", type=positive_int, default=4)
     s.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the toy teacher's 5.0)")
     s.add_argument("--gamma", type=float, default=0.3, help="TCD gamma")
-    s.add_argument("--repeats", type=int, default=5, help="timed calls per side (interleaved)")
-    s.add_argument("--warmup", type=int, default=1, help="untimed calls per side first")
+    s.add_argument("--repeats", type=positive_int, default=5, help="timed calls per side (interleaved)")
+    s.add_argument("--warmup", type=non_negative_int, default=1, help="untimed calls per side first")
     s.add_argument("--seed", type=seed_arg, default=0)
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", type=device_arg, default=None, help="cuda | cpu (default: cuda when available)")
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     s.add_argument("--out", default="outputs/bench/speed")
     s.set_defaults(func=cmd_bench_speed)

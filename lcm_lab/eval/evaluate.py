@@ -143,12 +143,42 @@ def load_reference_images(files: Sequence[Path], size: int) -> torch.Tensor:
                 if side != size:
                     img = img.resize((size, size), Image.BICUBIC)
                 out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-        except (OSError, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ValueError(f"cannot read reference image {path}: {exc}") from None
     return torch.stack(out)
 
 
 # ----------------------------------------------------------------------------- metrics
+
+
+def check_metric_names(metrics: Sequence[str], toy: bool) -> tuple[str, ...]:
+    """``metrics`` without blanks and repeats; unknown names, or toy-only metrics without toy prompts, are a
+    ``ValueError`` (entry points call this before loading anything)."""
+    metrics = [m.strip() for m in metrics if m.strip()]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+    toy_only = [m for m in metrics if m in ("fd", "accuracy")]
+    if toy_only and not toy:
+        raise ValueError(f"metric(s) {toy_only} need the toy world's prompts (--prompts toy)")
+    return tuple(dict.fromkeys(metrics))
+
+
+def check_sampling(models: Sequence, samplers: Sequence[str], steps_list: Sequence[int] | None,
+                   guidance: float | None, gamma: float) -> None:
+    """Every (model, sampler, steps) against the model's scheduler config (``None``: the toy teacher), before any
+    network is loaded, metric prepared or row written: an impossible setting would otherwise fail after the
+    first rows. ``guidance=None`` is the toy teacher's default."""
+    from ..generation import sampling_grid
+    from ..models.sd import check_pipeline_dir, load_schedule, toy_teacher_dir
+    from ..toy import TEACHER_GUIDANCE
+
+    for model in models:
+        config, schedule = load_schedule(check_pipeline_dir(toy_teacher_dir() if model is None else model))
+        for sampler in samplers:
+            for steps in steps_list or [None]:
+                sampling_grid(config, sampler, steps, guidance_scale=TEACHER_GUIDANCE if guidance is None else guidance,
+                              gamma=gamma, schedule=schedule)
 
 
 class MetricSuite:
@@ -188,20 +218,21 @@ class MetricSuite:
         self.reference_num = int(reference_num)
         if metrics is None:
             metrics = self.default_metrics(toy, clip=clip, hps=hps, reference=reference, inception=inception)
-        metrics = [m.strip() for m in metrics if m.strip()]
-        unknown = [m for m in metrics if m not in METRICS]
-        if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
-        toy_only = [m for m in metrics if m in ("fd", "accuracy")]
-        if toy_only and not toy:
-            raise ValueError(f"metric(s) {toy_only} need the toy world's prompts (--prompts toy)")
-        self.metrics = tuple(dict.fromkeys(metrics))
+        self.metrics = check_metric_names(metrics, toy)
         fid_kid = "fid" in self.metrics or "kid" in self.metrics
         if ("fd" in self.metrics or (fid_kid and reference is None)) and self.reference_num < 2:
             raise ValueError(f"reference_num must be >= 2 (the toy reference needs a covariance), got "
                              f"{self.reference_num}")
+        self.reference_files = None  # checked before any metric network is loaded
+        if fid_kid:
+            if reference is None and not toy:
+                raise ValueError("FID/KID need reference images: pass a folder of real images (--reference DIR)")
+            self.reference_files = list_images(reference) if reference is not None else None
+            if self.reference_files is not None and len(self.reference_files) < 2:
+                raise ValueError(f"FID/KID need at least 2 reference images; {reference} has "
+                                 f"{len(self.reference_files)}")
         self.judge = None
-        if toy_only:
+        if "fd" in self.metrics or "accuracy" in self.metrics:
             from .toy import load_judge
 
             self.judge = judge if judge is not None else load_judge()
@@ -209,16 +240,9 @@ class MetricSuite:
         self.clip = load_clip_metric(toy, clip, clip_arch, self.device) if "clip" in self.metrics else None
         self.hps = load_hps_metric(hps, hps_version, hps_arch, self.device) if "hpsv2" in self.metrics else None
         self.inception = None
-        self.reference_files = None
-        if "fid" in self.metrics or "kid" in self.metrics:
+        if fid_kid:
             from .fid import InceptionMetrics
 
-            if reference is None and not toy:
-                raise ValueError("FID/KID need reference images: pass a folder of real images (--reference DIR)")
-            self.reference_files = list_images(reference) if reference is not None else None
-            if self.reference_files is not None and len(self.reference_files) < 2:
-                raise ValueError(f"FID/KID need at least 2 reference images; {reference} has "
-                                 f"{len(self.reference_files)}")
             self.inception = InceptionMetrics(inception, device=self.device, kid="kid" in self.metrics,
                                               **(fid_options or {}))
         # What the metric values depend on besides the images, recorded in each row: `--resume` reuses a row
@@ -444,7 +468,7 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         ``{model, sampler, steps, guidance, num_samples, seed, prompt_set, <metrics>..., sec_per_image}``
         (+ ``images_dir`` when images are saved).
     """
-    from ..generation import generate, resolve_steps
+    from ..generation import generate, sampling_grid
     from ..imaging import save_grid
     from ..models.sd import LatentDiffusionModel, load_ldm
 
@@ -457,7 +481,9 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
     else:
         ldm = load_ldm(model, device=device or _default_device())
     device = ldm.device
-    steps = resolve_steps(sampler, steps)  # before the prompts and metrics are prepared
+    # before the prompts and metrics are prepared
+    steps, _ = sampling_grid(ldm.scheduler_config, sampler, steps, guidance_scale=guidance, gamma=gamma,
+                             schedule=ldm.schedule)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
@@ -495,9 +521,6 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
     out_dir = Path(save_images_dir) if save_images_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob("*.png"):  # an earlier, larger run's images would mix with this run's
-            if stale.stem.isdigit() and len(stale.stem) >= 5 and int(stale.stem) >= n:
-                stale.unlink()
 
     kwargs = dict(sampler=sampler, steps=steps, guidance_scale=guidance, gamma=gamma, truncate=truncate,
                   progress=False, batch_size=batch_size)
@@ -521,6 +544,10 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
     row["metric_sources"] = suite.sources
     row["sec_per_image"] = gen_seconds / n
     if out_dir is not None:
+        # An earlier, larger run's images would mix with this run's; removed only now that this run succeeded.
+        for stale in out_dir.glob("*.png"):
+            if stale.stem.isdigit() and len(stale.stem) >= 5 and int(stale.stem) >= n:
+                stale.unlink()
         captions = [{"file": f"{i:05d}.png", "prompt": p, "seed": s, **m}
                     for i, (p, s, m) in enumerate(zip(prompts, seed_list, metadata))]
         atomic_write_text(out_dir / "captions.json", json.dumps(captions, indent=1) + "\n")

@@ -113,8 +113,9 @@ def load_inception(weights: str | os.PathLike | None = None, feature: int = 2048
         raise ValueError(f"{path} is not a torch-fidelity InceptionV3 state dict (lacks {', '.join(missing)}); "
                          f"expected {INCEPTION_FILE} from {INCEPTION_URL}")
     del state
-    net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(feature)],
-                             feature_extractor_weights_path=str(path), antialias=antialias)
+    with reading(path, "Inception weights"):  # the three keys above can hide wrong shapes or missing layers
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(feature)],
+                                 feature_extractor_weights_path=str(path), antialias=antialias)
     net = net.to(device=device, dtype=dtype)
     net._dtype = dtype  # read by torchmetrics' forward to cast the uint8 input (as set_dtype does)
     net.requires_grad_(False)
@@ -129,6 +130,8 @@ def to_uint8_tensor(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         return images
     images = images.detach().float()
+    if not bool(torch.isfinite(images).all()):  # NaN would pass the range check below and count as black
+        raise ValueError("images hold NaN or inf values: the model produced non-finite outputs")
     lo, hi = torch.aminmax(images)
     if lo < -0.002 or hi > 1.002:  # under half a gray level of slack: [-1, 1] input would clamp silently
         raise ValueError(f"expected float images in [0, 1], got min {float(lo):.4g}, max {float(hi):.4g} "

@@ -17,7 +17,7 @@ import torch
 
 from ..core.latents import LatentCodec
 from ..core.schedules import NoiseSchedule
-from ..readable import reading
+from ..readable import from_pretrained_complete, reading
 
 ASSETS_ENV = "LCM_LAB_ASSETS"
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -144,21 +144,53 @@ def load_ldm(path: str | os.PathLike | None = None, device: str | torch.device =
     if is_sdxl_dir(folder):
         raise ValueError(f"{folder} is an SDXL pipeline: load it with lcm_lab.models.sdxl.load_sdxl (`lcm-lab sample` "
                          "and training take SDXL folders; `lcm-lab eval` and `bench` take SD 1.x/2.x ones)")
-    with reading(folder / "unet", "UNet"):
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
-    with reading(folder / "vae", "VAE"):
-        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
-    with reading(folder / "text_encoder", "text encoder"):
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
-    with reading(folder / "tokenizer", "tokenizer"):
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    with reading(folder / "scheduler" / "scheduler_config.json", "scheduler config"):
-        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_config, schedule = load_schedule(folder)
+    unet = from_pretrained_complete(UNet2DConditionModel, folder / "unet", "UNet", torch_dtype=dtype)
+    vae = from_pretrained_complete(AutoencoderKL, folder / "vae", "VAE", torch_dtype=dtype)
+    text_encoder = from_pretrained_complete(CLIPTextModel, folder / "text_encoder", "text encoder", dtype=dtype)
+    tokenizer = load_tokenizer(CLIPTokenizer, folder / "tokenizer", text_encoder.config.vocab_size)
     for net in (unet, vae, text_encoder):
         net.to(device).eval().requires_grad_(False)
-    return LatentDiffusionModel(unet, vae, text_encoder, tokenizer,
-                                NoiseSchedule.from_scheduler(scheduler_config).to(device),
-                                scheduler_config, folder)
+    return LatentDiffusionModel(unet, vae, text_encoder, tokenizer, schedule.to(device), scheduler_config, folder)
+
+
+def load_schedule(folder: Path, hint: str = "Copy the scheduler/ folder of the model's repository (or of the "
+                                            "pipeline it was distilled from).") -> tuple[dict, NoiseSchedule]:
+    """``scheduler/scheduler_config.json`` of a pipeline folder and the :class:`NoiseSchedule` it defines
+    (a config the schedule cannot be built from is an error naming the file; a missing one names ``hint``)."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"model folder {folder} lacks scheduler/scheduler_config.json. {hint}")
+    with reading(path, "scheduler config"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON {type(config).__name__}, not an object")
+        return config, NoiseSchedule.from_scheduler(config)
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    """Whether ``folder`` holds a CLIP BPE vocabulary: ``tokenizer.json``, or ``vocab.json`` + ``merges.txt``."""
+    return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file()
+                                                       and (folder / "merges.txt").is_file())
+
+
+def load_tokenizer(cls, folder: Path, vocab_size: int):
+    """``cls.from_pretrained(folder)`` for a text encoder with ``vocab_size`` token embeddings.
+
+    Raises:
+        FileNotFoundError: no vocabulary files (transformers would build a 2-token tokenizer from the config
+            alone, and every prompt would become the same few ids).
+        ValueError: an unreadable tokenizer, or one with more tokens than the text encoder has embeddings.
+    """
+    if not has_tokenizer_files(folder):
+        raise FileNotFoundError(f"tokenizer folder {folder} has neither tokenizer.json nor vocab.json + merges.txt: "
+                                "copy the tokenizer/ folder of the model's repository there")
+    with reading(folder, "tokenizer"):
+        tokenizer = cls.from_pretrained(str(folder))
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"tokenizer {folder} has {len(tokenizer)} tokens but the text encoder only {vocab_size} "
+                         "embeddings: the two folders come from different models")
+    return tokenizer
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], allow_empty: bool = False,

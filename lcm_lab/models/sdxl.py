@@ -40,8 +40,8 @@ import torch
 
 from ..core.schedules import NoiseSchedule
 from ..core.conditioning import Conditioning
-from ..readable import reading
-from .sd import LDMParts, check_pipeline_dir, check_prompts
+from ..readable import from_pretrained_complete
+from .sd import LDMParts, check_pipeline_dir, check_prompts, load_schedule, load_tokenizer
 
 __all__ = [
     "SDXL_TEXT_PARTS",
@@ -232,11 +232,11 @@ def load_sdxl_text(path: str | os.PathLike, device: str | torch.device = "cpu",
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = check_sdxl_dir(path, SDXL_TEXT_PARTS)
-    with reading(folder, "SDXL text encoders / tokenizers in"):
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-        tokenizer_2 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"))
-        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder_2"), dtype=dtype)
+    text_encoder = from_pretrained_complete(CLIPTextModel, folder / "text_encoder", "text encoder", dtype=dtype)
+    text_encoder_2 = from_pretrained_complete(CLIPTextModelWithProjection, folder / "text_encoder_2",
+                                              "text encoder 2", dtype=dtype)
+    tokenizer = load_tokenizer(CLIPTokenizer, folder / "tokenizer", text_encoder.config.vocab_size)
+    tokenizer_2 = load_tokenizer(CLIPTokenizer, folder / "tokenizer_2", text_encoder_2.config.vocab_size)
     for enc in (text_encoder, text_encoder_2):
         enc.to(device).eval().requires_grad_(False)
     return SDXLText(tokenizer, tokenizer_2, text_encoder, text_encoder_2, folder)
@@ -292,26 +292,16 @@ def load_sdxl(path: str | os.PathLike, device: str | torch.device = "cpu",
         FileNotFoundError: the folder, one of its subfolders (named in the message, with how to obtain the
             weights) or ``scheduler/scheduler_config.json`` is missing.
     """
-    import json
-
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     folder = check_sdxl_dir(path, SDXL_PARTS)
-    scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    if not scheduler_file.is_file():
-        raise FileNotFoundError(
-            f"SDXL model folder {folder} lacks scheduler/scheduler_config.json. {_DOWNLOAD_HINT}")
-    with reading(scheduler_file, "scheduler config"):
-        scheduler_config = json.loads(scheduler_file.read_text())
-    with reading(folder / "unet", "UNet"):
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+    scheduler_config, schedule = load_schedule(folder, hint=_DOWNLOAD_HINT)
+    unet = from_pretrained_complete(UNet2DConditionModel, folder / "unet", "UNet", torch_dtype=dtype)
     if getattr(unet.config, "addition_embed_type", None) != "text_time":
         raise ValueError(f"{folder / 'unet'} is not an SDXL UNet (addition_embed_type must be 'text_time', got "
                          f"{unet.config.addition_embed_type!r})")
-    with reading(folder / "vae", "VAE"):
-        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
+    vae = from_pretrained_complete(AutoencoderKL, folder / "vae", "VAE", torch_dtype=dtype)
     for net in (unet, vae):
         net.to(device).eval().requires_grad_(False)
     text = load_sdxl_text(folder, device=device, dtype=dtype)
-    return SDXLModel(unet, vae, text, NoiseSchedule.from_scheduler(scheduler_config).to(device), scheduler_config,
-                     folder)
+    return SDXLModel(unet, vae, text, schedule.to(device), scheduler_config, folder)

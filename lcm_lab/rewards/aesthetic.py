@@ -63,18 +63,18 @@ class AestheticHead(torch.nn.Module):
         the same keys)."""
         with reading(path, "aesthetic-predictor head"):
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and "state_dict" in state:
-            state = state["state_dict"]
-        if isinstance(state, Mapping) and "layers.0.weight" in state:
-            head = cls(state["layers.0.weight"].shape[1], "mlp")
-            head.load_state_dict(state, strict=True)
-        elif isinstance(state, Mapping) and set(state) == {"weight", "bias"} and state["weight"].ndim == 2 \
-                and state["weight"].shape[0] == 1:
-            head = cls(state["weight"].shape[1], "linear")
-            head.layers.load_state_dict(state, strict=True)
-        else:
-            raise ValueError(f"{path} is not an aesthetic-predictor head (expected the MLP's keys layers.0.weight, "
-                             "... or the linear probe's weight [1, D] and bias)")
+            if isinstance(state, Mapping) and "state_dict" in state:
+                state = state["state_dict"]
+            if isinstance(state, Mapping) and "layers.0.weight" in state:
+                head = cls(state["layers.0.weight"].shape[1], "mlp")
+                head.load_state_dict(state, strict=True)
+            elif isinstance(state, Mapping) and set(state) == {"weight", "bias"} and state["weight"].ndim == 2 \
+                    and state["weight"].shape[0] == 1:
+                head = cls(state["weight"].shape[1], "linear")
+                head.layers.load_state_dict(state, strict=True)
+            else:
+                raise ValueError("not an aesthetic-predictor head (expected the MLP's keys layers.0.weight, ... "
+                                 "or the linear probe's weight [1, D] and bias)")
         return head
 
 

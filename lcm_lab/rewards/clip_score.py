@@ -48,15 +48,26 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return value
 
 
+def _config_file(path: str | os.PathLike) -> dict:
+    """The JSON object in an open_clip model config file, or a clear error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"open_clip model config {path} does not exist")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"open_clip model config {path} is not valid UTF-8 JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"open_clip model config {path} holds a JSON {type(cfg).__name__}, not an object")
+    return cfg
+
+
 def _architecture_config(arch: str | os.PathLike | Mapping) -> dict | None:
     """An explicit open_clip model config (dict or JSON file), or ``None`` for a built-in name."""
     if isinstance(arch, Mapping):
         cfg = dict(arch)
     elif str(arch).endswith(".json"):
-        path = Path(arch)
-        if not path.is_file():
-            raise FileNotFoundError(f"open_clip model config {path} does not exist")
-        cfg = json.loads(path.read_text())
+        cfg = _config_file(arch)
     else:
         return None
     cfg = copy.deepcopy(cfg.get("model_cfg", cfg))
@@ -112,7 +123,7 @@ def create_open_clip(arch: str | os.PathLike | Mapping) -> tuple[torch.nn.Module
         return model, open_clip.get_tokenizer(name)
     preprocess = {}
     if not isinstance(arch, Mapping) and str(arch).endswith(".json"):
-        preprocess = json.loads(Path(arch).read_text()).get("preprocess_cfg", {})
+        preprocess = _config_file(arch).get("preprocess_cfg", {})
     text_cfg, vision_cfg = cfg["text_cfg"], cfg["vision_cfg"]
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in text_cfg
     if "hf_model_name" in text_cfg:

@@ -23,7 +23,10 @@ def jpeg_sizes_kb(images: torch.Tensor, quality: int = JPEG_QUALITY) -> torch.Te
     """JPEG file size in kB (1000 bytes) of every image of a ``(B, 3, H, W)`` batch in ``[0, 1]``."""
     from PIL import Image
 
-    pixels = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
+    images = images.detach().float()
+    if not bool(torch.isfinite(images).all()):  # NaN would be cast to some gray level and get a size
+        raise ValueError("images hold NaN or inf values: the model produced non-finite outputs")
+    pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)
     pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
     sizes = []
     for image in pixels:

@@ -173,6 +173,7 @@ class LatentRewardModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "LatentRewardModel":
         """Load a folder written by :meth:`save_pretrained`."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -180,7 +181,24 @@ class LatentRewardModel(nn.Module):
             raise FileNotFoundError(f"{folder} is not an LRM folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}, "
                                     "as written by LatentRewardModel.save_pretrained / the rg_lcd export)")
         with reading(folder, "LRM folder"):
-            model = cls(**json.loads((folder / CONFIG_NAME).read_text()))
+            config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+            if not isinstance(config, dict):
+                raise ValueError(f"{CONFIG_NAME} holds a JSON {type(config).__name__}, not an object")
+            with safe_open(folder / WEIGHTS_NAME, "pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            # Compare the config with the weights' header before allocating anything: a corrupt config
+            # (depth 10**6, width 10**9) would otherwise build a huge model first.
+            stages = {k.split(".")[2] for k in shapes if k.startswith("image_tower.stages.")}
+            if len(stages) != 2 * int(config.get("depth", 3)) + 1:
+                raise ValueError(f"config depth {config.get('depth', 3)} does not match the weights' "
+                                 f"{len(stages)} image-tower stages")
+            with torch.device("meta"):
+                expected = {k: tuple(v.shape) for k, v in cls(**config).state_dict().items()}
+            if expected != shapes:
+                wrong = sorted(k for k in expected.keys() | shapes.keys() if expected.get(k) != shapes.get(k))
+                raise ValueError(f"{CONFIG_NAME} does not match {WEIGHTS_NAME}: {len(wrong)} tensors missing or of "
+                                 f"another shape, e.g. {wrong[:3]}")
+            model = cls(**config)
             model.load_state_dict(load_file(folder / WEIGHTS_NAME))
         return model
 

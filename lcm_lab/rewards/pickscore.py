@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..readable import reading
+from ..models.sd import has_tokenizer_files
+from ..readable import from_pretrained_complete, reading
 from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocessor, RewardModel, missing_weights, register,
                    resolve_weights)
 from .clip_score import as_dtype
@@ -26,11 +27,6 @@ PICKSCORE_PROCESSOR_ENV = "LCM_LAB_PICKSCORE_PROCESSOR_DIR"
 PICKSCORE_SOURCE = "https://huggingface.co/yuvalkirstain/PickScore_v1"
 PROCESSOR_SOURCE = "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL resample codes used by CLIPImageProcessor
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file()
-                                                       and (folder / "merges.txt").is_file())
 
 
 def _side(value, default: int) -> int:
@@ -52,7 +48,10 @@ def processor_preprocessor(folder: Path, image_size: int, antialias: bool = True
     resize the shortest edge, center crop, normalise); OpenAI CLIP statistics and the model's
     ``image_size`` when the file is absent."""
     path = folder / "preprocessor_config.json"
-    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    cfg = {}
+    if path.is_file():
+        with reading(path, "image processor config"):
+            cfg = json.loads(path.read_text(encoding="utf-8"))
     crop = _side(cfg.get("crop_size"), image_size)
     resize = _side(cfg.get("size"), crop)
     if resize != crop:
@@ -100,16 +99,16 @@ class PickScoreReward(RewardModel):
             raise missing_weights("PickScore", "config.json + model.safetensors (folder)", PICKSCORE_SOURCE,
                                   "model_dir", PICKSCORE_DIR_ENV, model_path)
         proc_path = resolve_weights(processor_dir, PICKSCORE_PROCESSOR_ENV)
-        if proc_path is None and _has_tokenizer(model_path):
+        if proc_path is None and has_tokenizer_files(model_path):
             proc_path = model_path
-        if proc_path is None or not _has_tokenizer(proc_path):
+        if proc_path is None or not has_tokenizer_files(proc_path):
             raise missing_weights("PickScore processor", "vocab.json + merges.txt (or tokenizer.json) and "
                                   "preprocessor_config.json (folder)", PROCESSOR_SOURCE, "processor_dir",
                                   PICKSCORE_PROCESSOR_ENV, proc_path)
-        with reading(model_path, "PickScore model folder"):
-            model = CLIPModel.from_pretrained(str(model_path), local_files_only=True)
+        model = from_pretrained_complete(CLIPModel, model_path, "PickScore model folder", local_files_only=True)
         self.model = model.to(device=device, dtype=as_dtype(dtype))
-        self.tokenizer = AutoTokenizer.from_pretrained(str(proc_path), local_files_only=True)
+        with reading(proc_path, "PickScore processor folder"):
+            self.tokenizer = AutoTokenizer.from_pretrained(str(proc_path), local_files_only=True)
         self.preprocess = processor_preprocessor(proc_path, int(model.config.vision_config.image_size), antialias)
         self.input_size = self.preprocess.size
         self.max_length = min(77, int(model.config.text_config.max_position_embeddings))
