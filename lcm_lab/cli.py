@@ -24,25 +24,27 @@ from .training import METHODS, USER_ERRORS  # noqa: E402  (lazy loaders: imports
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .generation import generate, resolve_steps
+    from .generation import check_sampling, generate, resolve_steps
     from .imaging import image_format, load_images, save_grid
     from .models.sd import load_ldm
     from .models.sdxl import is_sdxl_dir, load_sdxl
 
     prompts = args.prompt
-    image_format(args.out)  # a bad --out fails now, not after the sampling
+    # A bad --out or impossible sampler settings fail now, not after loading the model and sampling.
+    image_format(args.out)
+    if args.strength != 1.0 and not args.image:
+        raise ValueError("--strength needs an init image (--image PNG)")
+    guidance = args.guidance if args.guidance is not None else TOY_GUIDANCE
+    check_sampling([args.model], [args.sampler], [args.steps], guidance, args.gamma, args.strength)
     model = load_sdxl(args.model) if is_sdxl_dir(args.model) else load_ldm(args.model)
     images = None
     if args.image:
         images = load_images([args.image] * len(prompts), size=model.image_size)
-    elif args.strength != 1.0:
-        raise ValueError("--strength needs an init image (--image PNG)")
     seeds = [args.seed + i for i in range(args.num_images)]
     all_prompts = [p for p in prompts for _ in seeds]
     all_seeds = [s for _ in prompts for s in seeds]
     if images is not None:
         images = images.repeat_interleave(args.num_images, dim=0)
-    guidance = args.guidance if args.guidance is not None else TOY_GUIDANCE
     out = generate(model, all_prompts, all_seeds, sampler=args.sampler, steps=args.steps,
                    guidance_scale=guidance, images=images, strength=args.strength,
                    truncate=args.truncate, gamma=args.gamma)

@@ -5,12 +5,14 @@ A crash leaves the previous version (or nothing), never a half-written file that
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "write_folder_atomically"]
+__all__ = ["atomic_write", "atomic_write_text", "check_out_folder", "read_json_object", "write_folder_atomically"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -35,11 +37,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def _dead_partials(out: Path) -> list[Path]:
+    """``<out>.partial-<pid>`` folders left by killed writers (their process no longer exists)."""
+    dead = []
+    for folder in out.parent.glob(f"{glob.escape(out.name)}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            dead.append(folder)
+        except (PermissionError, OverflowError):  # alive under another user / not a pid
+            pass
+    return dead
+
+
 def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` into ``<out>.partial-<pid>``, then move the result to ``out_dir``.
 
     An existing ``out_dir`` is moved aside (``<out>.old-<pid>``) only after ``write`` succeeded, the new
     folder is renamed into place, and the old one deleted; if the rename fails the old folder is restored.
+    Partial folders of killed writers (``<out>.partial-<pid>`` of a process that no longer exists) are removed.
     """
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
@@ -47,7 +66,7 @@ def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    for stale in (tmp, old):
+    for stale in (tmp, old, *_dead_partials(out)):
         if stale.exists():
             shutil.rmtree(stale)
     tmp.mkdir()
@@ -67,3 +86,25 @@ def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def check_out_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a folder to write results into: an existing file there is a ``ValueError`` now, before the
+    work whose results would have nowhere to go."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a folder for the results")
+    return out
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in a UTF-8 file; invalid text or JSON, or another JSON type, is a ``ValueError`` naming
+    the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid UTF-8 JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data

@@ -8,7 +8,7 @@ is the same whatever the batch size or the other prompts in its batch (EDM's
 from __future__ import annotations
 
 import math
-import numbers
+import operator
 import time
 from collections.abc import Mapping, Sequence
 
@@ -29,6 +29,20 @@ DEFAULT_STEPS = {"ddim": 50, "lcm": 4, "tcd": 4}
 def is_w_conditioned(unet) -> bool:
     """True for LCM students that take the guidance scale as an embedding (no CFG at sampling)."""
     return getattr(unet.config, "time_cond_proj_dim", None) is not None
+
+
+def as_seeds(seeds: Sequence) -> list[int]:
+    """Seeds as Python ints: Python, numpy or torch integers are taken, anything else (1.5 would silently be
+    seed 1) is a ``TypeError``."""
+    out, bad = [], []
+    for seed in seeds:
+        try:
+            out.append(operator.index(seed))
+        except TypeError:
+            bad.append(seed)
+    if bad:
+        raise TypeError(f"seeds must be integers, got {bad[:3]}")
+    return out
 
 
 def resolve_steps(sampler: str, steps: int | None) -> int:
@@ -69,7 +83,24 @@ def sampling_grid(scheduler_config: Mapping, sampler: str, steps: int | None = N
     return steps, timesteps_for(sampler, steps, schedule, strength, original_inference_steps)
 
 
-def _check_init_images(images: torch.Tensor, num_prompts: int, image_size: int) -> None:
+def check_sampling(models: Sequence, samplers: Sequence[str], steps_list: Sequence[int | None] | None,
+                   guidance: float | None, gamma: float = 0.3, strength: float = 1.0) -> None:
+    """:func:`sampling_grid` for every (model, sampler, steps), from each model folder's scheduler config alone
+    (``None``: the toy teacher; ``steps_list=None``: each sampler's default; ``guidance=None``: the toy
+    teacher's). Entry points call it before any network is loaded, metric prepared or result written."""
+    from .models.sd import check_pipeline_dir, load_schedule, toy_teacher_dir
+    from .toy import TEACHER_GUIDANCE
+
+    for model in models:
+        config, schedule = load_schedule(check_pipeline_dir(toy_teacher_dir() if model is None else model))
+        for sampler in samplers:
+            for steps in steps_list or [None]:
+                sampling_grid(config, sampler, steps, guidance_scale=TEACHER_GUIDANCE if guidance is None else guidance,
+                              gamma=gamma, strength=strength, schedule=schedule)
+
+
+def _checked_init_images(images: torch.Tensor, num_prompts: int, image_size: int) -> torch.Tensor:
+    """``images`` clamped to [0, 1], after checking their shape, count, size and values."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"init images must be a (N, 3, H, W) RGB tensor, got {shape} "
@@ -82,9 +113,10 @@ def _check_init_images(images: torch.Tensor, num_prompts: int, image_size: int) 
     if not bool(torch.isfinite(images).all()):
         raise ValueError("init images hold NaN or inf values")
     lo, hi = float(images.min()), float(images.max())
-    if lo < 0 or hi > 1:
+    if lo < -0.002 or hi > 1.002:  # half a gray level of slack for a resize's overshoot, which is clamped
         raise ValueError(f"init images must be floats in [0, 1], got min {lo:.4g}, max {hi:.4g} "
                          "(divide 8-bit images by 255)")
+    return images.clamp(0, 1)
 
 
 def generate(
@@ -144,8 +176,7 @@ def generate(
         raise TypeError("prompts must be a sequence of strings (one per image), e.g. [\"a red circle\"]")
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-    if not all(isinstance(s, numbers.Integral) for s in seeds):  # int(1.5) would silently give another image
-        raise TypeError(f"seeds must be integers, got {[s for s in seeds if not isinstance(s, numbers.Integral)][:3]}")
+    seeds = as_seeds(seeds)
     if any(not 0 <= s < 2**63 for s in seeds):  # per-seed noise seeds int64 generators
         raise ValueError(f"seeds must be in [0, 2**63), got {min(seeds)}..{max(seeds)}")
     if not prompts:
@@ -164,7 +195,7 @@ def generate(
     if images is None and strength != 1.0:
         raise ValueError("strength < 1 needs init images (--image)")
     if images is not None:
-        _check_init_images(images, len(prompts), image_size)
+        images = _checked_init_images(images, len(prompts), image_size)
     schedule, device, dtype = model.schedule, model.device, next(model.unet.parameters()).dtype
     sample_fn = SAMPLERS[sampler]
     kwargs = {"gamma": gamma} if sampler == "tcd" else {}

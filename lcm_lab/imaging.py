@@ -34,6 +34,12 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
+def check_finite(images: torch.Tensor) -> None:
+    """NaN or inf pixels (a diverged model) are a ``ValueError``: cast to 8 bits they would pass as some gray."""
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images hold NaN or inf values: the model produced non-finite outputs")
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) floats in [0, 1] -> uint8 (N, H, W, 3)."""
     return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -14,9 +14,11 @@ def first_line(error: BaseException) -> str:
     """
     lines = str(error).strip().splitlines() or [""]
     if lines[0].startswith("Weights only load failed"):
-        detail = [ln.strip() for ln in lines[1:] if ln.strip() and not ln.startswith(("Please file", "Check the doc"))]
-        return ("not a plain tensor file, refused by torch.load(weights_only=True)"
-                + (f": {detail[0]}" if detail else ""))[:300]
+        detail = [ln.strip() for ln in lines[1:] if ln.strip() and "weights_only" not in ln
+                  and not ln.strip().startswith(("Please file", "Check the doc"))]
+        # keep what was refused, e.g. "Unsupported global: GLOBAL numpy...", not the advice to allow it
+        what = detail[0].removeprefix("WeightsUnpickler error:").strip().split(" Please use")[0] if detail else ""
+        return ("not a plain tensor file, refused by torch.load(weights_only=True)" + (f": {what}" if what else ""))[:300]
     rest = [ln.strip() for ln in lines[1:] if ln.strip()]
     if lines[0].rstrip().endswith(":") and rest:  # "Error(s) in loading state_dict for X:" + the first error
         return f"{lines[0].strip()} {rest[0]}"[:300]
@@ -48,16 +50,15 @@ def reading(path: str | os.PathLike, what: str):
 
 def from_pretrained_complete(cls, folder: str | os.PathLike, what: str, **kwargs):
     """``cls.from_pretrained(folder, **kwargs)`` (a diffusers or transformers class) inside :func:`reading`,
-    refusing weights that lack some of the model's tensors or hold them in another shape.
+    refusing weights that lack some of the model's tensors.
 
-    Both libraries only log such tensors and initialise them at random (or leave them on the meta device),
-    so another model's file, or one with a tensor dropped, would otherwise load "fine".
+    Both libraries only log missing tensors and initialise them at random (or leave them on the meta device),
+    so another model's file, or one with a tensor dropped, would otherwise load "fine". (Tensors of another
+    shape are already an error in both.)
     """
     with reading(folder, what):
         model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
-        bad = [str(k) for k in info.get("missing_keys") or ()]
-        bad += [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ()]
-        if bad:
-            raise ValueError(f"{len(bad)} tensor(s) of the model missing from its weights or of another shape, "
-                             f"e.g. {bad[:3]}")
+        missing = [str(k) for k in info.get("missing_keys") or ()]
+        if missing:
+            raise ValueError(f"{len(missing)} tensor(s) of the model missing from its weights, e.g. {missing[:3]}")
     return model

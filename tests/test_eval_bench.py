@@ -165,3 +165,15 @@ def test_bench_speed_sd15_random(tmp_path):
                       device="cpu")
     assert row["model"] == "sd15-random" and row["image_size"] == 64
     assert row["outputs_match"] and row["speed_ratio"] > 0
+
+
+def test_bench_quality_takes_a_toy_prompt_set_object(tmp_path):
+    """A PromptSet named "toy" counts as toy prompts for the toy-only metrics, as a "toy" string does."""
+    from lcm_lab.eval.bench import bench_quality
+    from lcm_lab.eval.evaluate import resolve_prompts
+    from lcm_lab.models.sd import load_ldm
+
+    pset = resolve_prompts("toy", 2, load_ldm().tokenizer)
+    rows = bench_quality([None], ["ddim"], [1], tmp_path, prompt_set=pset, num_samples=2, metrics=["accuracy"],
+                         progress=False, device="cpu")
+    assert len(rows) == 1 and 0 <= rows[0]["accuracy"] <= 1 and rows[0]["prompt_set"] == "toy"

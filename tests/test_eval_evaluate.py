@@ -315,8 +315,17 @@ def test_errors_before_generation(ldm, prompt_file, tmp_path):
             generate(ldm, PROMPTS[:2], [0, 1], progress=False, **kwargs)
     with pytest.raises(TypeError, match=r"seeds must be integers, got \[1.5\]"):  # not silently seed 1
         generate(ldm, PROMPTS[:2], [0, 1.5], progress=False)
-    torch.testing.assert_close(generate(ldm, PROMPTS[:1], [np.int64(3)], steps=1, progress=False),
-                               generate(ldm, PROMPTS[:1], [3], steps=1, progress=False), rtol=0, atol=0)
+    expected = generate(ldm, PROMPTS[:1], [3], steps=1, progress=False)
+    for seed in (np.int64(3), torch.tensor(3)):  # numpy and torch integers are seeds too
+        torch.testing.assert_close(generate(ldm, PROMPTS[:1], [seed], steps=1, progress=False), expected,
+                                   rtol=0, atol=0)
+    with pytest.raises(TypeError, match="seeds must be integers"):
+        evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=2, seeds=[0, 1.5], metrics=[])
+    # init images a resize overshot by less than half a gray level are clamped, not refused
+    init = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(
+        generate(ldm, PROMPTS[:2], [0, 1], images=(init * 1.001).clamp(max=1.0009), strength=0.5, progress=False),
+        generate(ldm, PROMPTS[:2], [0, 1], images=(init * 1.001).clamp(max=1.0), strength=0.5, progress=False))
 
 
 def test_saved_images_of_an_earlier_run_survive_a_failed_one(ldm, tiny_sd, prompt_file, tmp_path):
@@ -331,10 +340,11 @@ def test_saved_images_of_an_earlier_run_survive_a_failed_one(ldm, tiny_sd, promp
     with pytest.raises(FloatingPointError):
         evaluate(broken, "ddim", 1, str(prompt_file), num_samples=2, metrics=[], progress=False, warmup=False,
                  save_images_dir=images)
-    assert (images / "00007.png").exists()
+    assert [p.name for p in images.iterdir()] == ["00007.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "prompts.txt"]  # no partial folder left
     evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=2, metrics=[], progress=False, warmup=False,
              save_images_dir=images)
-    assert [p.name for p in _pngs(images)] == ["00000.png", "00001.png"]  # a finished run removes the stale one
+    assert sorted(p.name for p in images.iterdir()) == ["00000.png", "00001.png", "captions.json"]
 
 
 def test_cli_refuses_impossible_settings_before_any_work(tiny_sd, prompt_file, tmp_path, monkeypatch):

@@ -42,6 +42,11 @@ def test_write_folder_atomically_replaces_whole_folder_or_nothing(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]  # replaced, not merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
+    killed = tmp_path / "model.partial-999999999"  # a writer that was killed: no such process
+    killed.mkdir()
+    write_folder_atomically(out, lambda d: (d / "new.txt").write_text("v3"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not a folder"):
         write_folder_atomically(tmp_path / "file", lambda d: None)

@@ -476,11 +476,12 @@ def test_lrm_reads_toy_and_sd_latents():
 
 def test_lrm_folder_round_trip_and_a_config_that_does_not_match_its_weights(tmp_path):
     torch.manual_seed(0)
-    lrm = LatentRewardModel.from_arch("tiny", text_dim=64)
-    folder = lrm.save_pretrained(tmp_path / "lrm")
-    loaded = LatentRewardModel.from_pretrained(folder)
-    assert loaded.config == lrm.config
-    assert all(torch.equal(v, lrm.state_dict()[k]) for k, v in loaded.state_dict().items())
+    for depth in (0, 2):
+        lrm = LatentRewardModel.from_arch("tiny", text_dim=64, depth=depth)
+        folder = lrm.save_pretrained(tmp_path / "lrm")
+        loaded = LatentRewardModel.from_pretrained(folder)
+        assert loaded.config == lrm.config
+        assert all(torch.equal(v, lrm.state_dict()[k]) for k, v in loaded.state_dict().items())
     good = (folder / "config.json").read_text()
     # checked against the weights' header before anything is built: depth 10**6 would build for minutes
     for change, match in (({"depth": 10**6}, "config depth 1000000 does not match the weights' 5 image-tower stages"),

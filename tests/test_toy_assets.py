@@ -147,7 +147,7 @@ def test_corrupt_model_files_name_the_file(tmp_path):
         del state[dropped]
         save_file(state, weights)
         with pytest.raises(ValueError, match=rf"cannot read .* {teacher / part} .*1 tensor\(s\) of the model missing "
-                                             rf"from its weights .*{re.escape(dropped)}"):
+                                             rf"from its weights, e.g. .*{re.escape(dropped)}"):
             load_ldm(teacher)
         shutil.copytree(toy_teacher_dir() / part, teacher / part, dirs_exist_ok=True)
     (teacher / "tokenizer" / "tokenizer.json").unlink()  # transformers would build a 2-token tokenizer
@@ -155,6 +155,12 @@ def test_corrupt_model_files_name_the_file(tmp_path):
                                                 "vocab.json"):
         load_ldm(teacher)
     shutil.copytree(toy_teacher_dir() / "tokenizer", teacher / "tokenizer", dirs_exist_ok=True)
+    from transformers import CLIPTokenizer
+
+    from lcm_lab.models.sd import load_tokenizer
+
+    with pytest.raises(ValueError, match="has 49408 tokens but the text encoder only 1000 embeddings"):
+        load_tokenizer(CLIPTokenizer, teacher / "tokenizer", vocab_size=1000)  # ids past the embedding table
     config = teacher / "scheduler" / "scheduler_config.json"
     good = config.read_text()
     for text in ("{not json", good.replace('"beta_end": 0.012', '"beta_end": "abc"')):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write, atomic_write_text, check_out_folder
 from .evaluate import MetricSuite, evaluate, write_metrics
 
 PLOT_METRICS = ("fd", "fd_real", "accuracy", "clip", "fid", "kid", "hpsv2", "sec_per_image")
@@ -151,14 +151,14 @@ def bench_quality(models: Sequence, samplers: Sequence[str], steps_list: Sequenc
         interrupted run keeps what it finished.
     """
     from ..models.sd import load_ldm
-    from .evaluate import _default_device, check_metric_names, check_sampling, read_rows, resolve_prompts
+    from ..generation import check_sampling
+    from .evaluate import _default_device, check_metric_names, read_rows, resolve_prompts
 
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file; give a folder for results.json, results.md and the plots")
+    check_out_folder(out)
     check_sampling(models, samplers, steps_list, guidance, gamma)
     if metrics is not None:
-        check_metric_names(metrics, toy=prompt_set == "toy")
+        check_metric_names(metrics, toy=getattr(prompt_set, "name", prompt_set) == "toy")
     previous = read_rows(out / "results.json") if resume else []
     device = device or _default_device()
     rows: list[dict] = []
@@ -363,8 +363,8 @@ def bench_speed(model_path: str | os.PathLike | None = None, *, sd15_random: boo
         working memory), ``process_peak_rss_mb``, ``max_abs_diff``, ``outputs_match`` and the settings.
     """
     from ..core.noise import generators_for_seeds
-    from ..generation import generate, sampling_grid
-    from ..models.sd import check_pipeline_dir, load_ldm, load_schedule, toy_teacher_dir
+    from ..generation import check_sampling, generate, resolve_steps, sampling_grid
+    from ..models.sd import load_ldm
     from .evaluate import _default_device, _sync
 
     if repeats < 1 or warmup < 0 or batch_size < 1:
@@ -374,12 +374,14 @@ def bench_speed(model_path: str | os.PathLike | None = None, *, sd15_random: boo
 
         guidance = TEACHER_GUIDANCE
     device = torch.device(device or _default_device())
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ValueError(f"{out_dir} is a file; give a folder for results.json and results.md")
+    if out_dir is not None:
+        check_out_folder(out_dir)
     # before the (possibly random SD1.5) pipeline is built
-    scheduler_config = SD_SCHEDULER_CONFIG if sd15_random else load_schedule(
-        check_pipeline_dir(model_path if model_path is not None else toy_teacher_dir()))[0]
-    steps, _ = sampling_grid(scheduler_config, sampler, steps, guidance_scale=guidance, gamma=gamma)
+    if sd15_random:
+        sampling_grid(SD_SCHEDULER_CONFIG, sampler, steps, guidance_scale=guidance, gamma=gamma)
+    else:
+        check_sampling([model_path], [sampler], [steps], guidance, gamma)
+    steps = resolve_steps(sampler, steps)
     tmp = None
     try:
         if sd15_random:

@@ -109,7 +109,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_arg, default=0, help="base seed: image i gets seed+i")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per sampler call")
     p.add_argument("--truncate", action="store_true", help="truncate over-long prompts instead of failing")
-    p.add_argument("--device", type=device_arg, default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--device", type=device_arg, default=None, help="cpu | cuda | cuda:N | mps (default: cuda when available)")
     p.add_argument("--save-images", action="store_true", help="also write every image as PNG (+ captions.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--resume", action="store_true",
@@ -177,14 +177,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Handler of ``lcm-lab eval``: one row per step count in ``--steps``."""
-    from ..generation import DEFAULT_STEPS
+    from ..files import check_out_folder
+    from ..generation import DEFAULT_STEPS, check_sampling
     from ..models.sd import load_ldm
-    from .evaluate import (MetricSuite, _default_device, check_metric_names, check_sampling, evaluate, format_table,
-                           read_rows, resolve_prompts, write_metrics)
+    from .evaluate import (MetricSuite, _default_device, check_metric_names, evaluate, format_table, read_rows,
+                           resolve_prompts, write_metrics)
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():  # found now, not after every row has been computed
-        raise ValueError(f"--out {out} is a file; give a folder for metrics.json, metrics.md and images")
+    out = check_out_folder(args.out)
     check_sampling([args.model], [args.sampler], args.steps, args.guidance, args.gamma)
     if args.metrics is not None:
         check_metric_names(args.metrics, toy=args.prompts == "toy")
@@ -240,7 +239,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=positive_int, default=5, help="timed calls per side (interleaved)")
     s.add_argument("--warmup", type=non_negative_int, default=1, help="untimed calls per side first")
     s.add_argument("--seed", type=seed_arg, default=0)
-    s.add_argument("--device", type=device_arg, default=None, help="cuda | cpu (default: cuda when available)")
+    s.add_argument("--device", type=device_arg, default=None, help="cpu | cuda | cuda:N | mps (default: cuda when available)")
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     s.add_argument("--out", default="outputs/bench/speed")
     s.set_defaults(func=cmd_bench_speed)

@@ -32,6 +32,7 @@ import collections
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -162,23 +163,6 @@ def check_metric_names(metrics: Sequence[str], toy: bool) -> tuple[str, ...]:
     if toy_only and not toy:
         raise ValueError(f"metric(s) {toy_only} need the toy world's prompts (--prompts toy)")
     return tuple(dict.fromkeys(metrics))
-
-
-def check_sampling(models: Sequence, samplers: Sequence[str], steps_list: Sequence[int] | None,
-                   guidance: float | None, gamma: float) -> None:
-    """Every (model, sampler, steps) against the model's scheduler config (``None``: the toy teacher), before any
-    network is loaded, metric prepared or row written: an impossible setting would otherwise fail after the
-    first rows. ``guidance=None`` is the toy teacher's default."""
-    from ..generation import sampling_grid
-    from ..models.sd import check_pipeline_dir, load_schedule, toy_teacher_dir
-    from ..toy import TEACHER_GUIDANCE
-
-    for model in models:
-        config, schedule = load_schedule(check_pipeline_dir(toy_teacher_dir() if model is None else model))
-        for sampler in samplers:
-            for steps in steps_list or [None]:
-                sampling_grid(config, sampler, steps, guidance_scale=TEACHER_GUIDANCE if guidance is None else guidance,
-                              gamma=gamma, schedule=schedule)
 
 
 class MetricSuite:
@@ -449,7 +433,8 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
             ``i % len(prompts)``.
         seeds: base seed (image ``i`` gets ``seeds + i``) or one seed per image.
         metrics: metric names (see the module docstring); ``None`` for the defaults.
-        save_images_dir: write ``{index:05d}.png`` and ``captions.json`` there.
+        save_images_dir: write ``{index:05d}.png`` and ``captions.json`` there, once every image is done (they
+            replace an earlier run's; other files stay).
         batch_size: images per sampler call.
         suite: a prepared :class:`MetricSuite` (shared across rows); otherwise one is built from
             ``metrics``, ``clip``, ``hps``, ``inception``, ``reference``, ``reference_num``,
@@ -468,7 +453,7 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         ``{model, sampler, steps, guidance, num_samples, seed, prompt_set, <metrics>..., sec_per_image}``
         (+ ``images_dir`` when images are saved).
     """
-    from ..generation import generate, sampling_grid
+    from ..generation import as_seeds, check_sampling, generate, sampling_grid
     from ..imaging import save_grid
     from ..models.sd import LatentDiffusionModel, load_ldm
 
@@ -479,6 +464,7 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
     if isinstance(model, LatentDiffusionModel):
         ldm = model
     else:
+        check_sampling([model], [sampler], [steps] if steps is not None else None, guidance, gamma)
         ldm = load_ldm(model, device=device or _default_device())
     device = ldm.device
     # before the prompts and metrics are prepared
@@ -502,7 +488,7 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
     if isinstance(seeds, int):
         seed_list = [seeds + i for i in range(n)]
     else:
-        seed_list = [int(s) for s in seeds]
+        seed_list = as_seeds(seeds)
         if len(seed_list) != n:
             raise ValueError(f"got {len(seed_list)} seeds for {n} images")
 
@@ -518,38 +504,48 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
                 and old.get("metric_sources") == suite.sources):
             return dict(old)
     acc = suite.start(vae=ldm.vae, image_size=ldm.image_size, num_samples=n)
-    out_dir = Path(save_images_dir) if save_images_dir is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
     kwargs = dict(sampler=sampler, steps=steps, guidance_scale=guidance, gamma=gamma, truncate=truncate,
                   progress=False, batch_size=batch_size)
-    if warmup:
-        generate(ldm, prompts[:1], seed_list[:1], **kwargs)
-    gen_seconds = 0.0
-    batches = range(0, n, batch_size)
-    for start in tqdm(batches, desc=f"eval {sampler}-{steps}", disable=not progress, unit="batch"):
-        chunk = slice(start, start + batch_size)
-        _sync(device)
-        t0 = time.perf_counter()
-        images = generate(ldm, prompts[chunk], seed_list[chunk], **kwargs)
-        _sync(device)
-        gen_seconds += time.perf_counter() - t0
-        acc.update(images, prompts[chunk], metadata[chunk])
-        if out_dir is not None:
-            for j, image in enumerate(images.cpu()):
-                save_grid(image[None], out_dir / f"{start + j:05d}.png")
+
+    def run(images_dir: Path | None) -> float:
+        """Generate and measure every image (saving them to ``images_dir``); returns the generation seconds."""
+        if warmup:
+            generate(ldm, prompts[:1], seed_list[:1], **kwargs)
+        seconds = 0.0
+        batches = range(0, n, batch_size)
+        for start in tqdm(batches, desc=f"eval {sampler}-{steps}", disable=not progress, unit="batch"):
+            chunk = slice(start, start + batch_size)
+            _sync(device)
+            t0 = time.perf_counter()
+            images = generate(ldm, prompts[chunk], seed_list[chunk], **kwargs)
+            _sync(device)
+            seconds += time.perf_counter() - t0
+            acc.update(images, prompts[chunk], metadata[chunk])
+            if images_dir is not None:
+                for j, image in enumerate(images.cpu()):
+                    save_grid(image[None], images_dir / f"{start + j:05d}.png")
+        if images_dir is not None:
+            captions = [{"file": f"{i:05d}.png", "prompt": p, "seed": s, **m}
+                        for i, (p, s, m) in enumerate(zip(prompts, seed_list, metadata))]
+            (images_dir / "captions.json").write_text(json.dumps(captions, indent=1) + "\n")
+        return seconds
+
+    if save_images_dir is None:
+        gen_seconds = run(None)
+    else:  # into a temp folder first: a failed run leaves an earlier run's images as they were
+        out_dir = Path(save_images_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-") as tmp:
+            gen_seconds = run(Path(tmp))
+            for earlier in out_dir.glob("*.png"):  # an earlier, larger run's extra images would mix with these
+                if earlier.stem.isdigit() and len(earlier.stem) >= 5:
+                    earlier.unlink()
+            for file in Path(tmp).iterdir():  # other files in the folder stay
+                os.replace(file, out_dir / file.name)
     row = dict(settings)
     row.update(acc.result())
     row["metric_sources"] = suite.sources
     row["sec_per_image"] = gen_seconds / n
-    if out_dir is not None:
-        # An earlier, larger run's images would mix with this run's; removed only now that this run succeeded.
-        for stale in out_dir.glob("*.png"):
-            if stale.stem.isdigit() and len(stale.stem) >= 5 and int(stale.stem) >= n:
-                stale.unlink()
-        captions = [{"file": f"{i:05d}.png", "prompt": p, "seed": s, **m}
-                    for i, (p, s, m) in enumerate(zip(prompts, seed_list, metadata))]
-        atomic_write_text(out_dir / "captions.json", json.dumps(captions, indent=1) + "\n")
-        row["images_dir"] = str(out_dir)
+    if save_images_dir is not None:
+        row["images_dir"] = str(save_images_dir)
     return row

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from ..imaging import check_finite
 from ..readable import reading
 from .frechet import FeatureStats, fd_between
 
@@ -130,8 +131,7 @@ def to_uint8_tensor(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         return images
     images = images.detach().float()
-    if not bool(torch.isfinite(images).all()):  # NaN would pass the range check below and count as black
-        raise ValueError("images hold NaN or inf values: the model produced non-finite outputs")
+    check_finite(images)  # NaN would pass the range check below and count as black
     lo, hi = torch.aminmax(images)
     if lo < -0.002 or hi > 1.002:  # under half a gray level of slack: [-1, 1] input would clamp silently
         raise ValueError(f"expected float images in [0, 1], got min {float(lo):.4g}, max {float(hi):.4g} "

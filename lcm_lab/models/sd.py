@@ -7,7 +7,6 @@ or an exported lcm_lab student. Nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 
 from ..core.latents import LatentCodec
 from ..core.schedules import NoiseSchedule
+from ..files import read_json_object
 from ..readable import from_pretrained_complete, reading
 
 ASSETS_ENV = "LCM_LAB_ASSETS"
@@ -162,9 +162,7 @@ def load_schedule(folder: Path, hint: str = "Copy the scheduler/ folder of the m
     if not path.is_file():
         raise FileNotFoundError(f"model folder {folder} lacks scheduler/scheduler_config.json. {hint}")
     with reading(path, "scheduler config"):
-        config = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            raise ValueError(f"a JSON {type(config).__name__}, not an object")
+        config = read_json_object(path)
         return config, NoiseSchedule.from_scheduler(config)
 
 

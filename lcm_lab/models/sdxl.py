@@ -267,7 +267,7 @@ class SDXLModel(LDMParts):
         (:func:`~lcm_lab.models.sd.check_prompts`)."""
         for tokenizer in self.text.tokenizers:
             prompts = check_prompts(tokenizer, prompts, truncate=truncate)
-        r = image_size or self.image_size
+        r = self.image_size if image_size is None else image_size
         return self.text.encode(prompts, original_size=(r, r), crop_top_left=(0, 0), target_size=(r, r))
 
     def unconditional(self, cond: Conditioning) -> Conditioning:

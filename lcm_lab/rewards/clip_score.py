@@ -10,7 +10,6 @@ https://github.com/mlfoundations/open_clip) and are always loaded from local fil
 from __future__ import annotations
 
 import copy
-import json
 import os
 import zipfile
 from dataclasses import asdict
@@ -20,6 +19,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..files import read_json_object
 from ..readable import reading
 from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocessor, RewardModel, missing_weights, register,
                    resolve_weights)
@@ -54,12 +54,9 @@ def _config_file(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"open_clip model config {path} does not exist")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"open_clip model config {path} is not valid UTF-8 JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"open_clip model config {path} holds a JSON {type(cfg).__name__}, not an object")
-    return cfg
+        return read_json_object(path)
+    except ValueError as e:
+        raise ValueError(f"open_clip model config {e}") from e
 
 
 def _architecture_config(arch: str | os.PathLike | Mapping) -> dict | None:

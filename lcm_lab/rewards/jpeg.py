@@ -14,6 +14,7 @@ import io
 import numpy as np
 import torch
 
+from ..imaging import check_finite
 from .base import RewardModel, register
 
 JPEG_QUALITY = 95
@@ -24,8 +25,7 @@ def jpeg_sizes_kb(images: torch.Tensor, quality: int = JPEG_QUALITY) -> torch.Te
     from PIL import Image
 
     images = images.detach().float()
-    if not bool(torch.isfinite(images).all()):  # NaN would be cast to some gray level and get a size
-        raise ValueError("images hold NaN or inf values: the model produced non-finite outputs")
+    check_finite(images)
     pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)
     pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
     sizes = []

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..files import read_json_object
 from ..readable import reading
 from .base import float32_head
 
@@ -181,17 +182,15 @@ class LatentRewardModel(nn.Module):
             raise FileNotFoundError(f"{folder} is not an LRM folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}, "
                                     "as written by LatentRewardModel.save_pretrained / the rg_lcd export)")
         with reading(folder, "LRM folder"):
-            config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-            if not isinstance(config, dict):
-                raise ValueError(f"{CONFIG_NAME} holds a JSON {type(config).__name__}, not an object")
+            config = read_json_object(folder / CONFIG_NAME)
             with safe_open(folder / WEIGHTS_NAME, "pt") as f:
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             # Compare the config with the weights' header before allocating anything: a corrupt config
             # (depth 10**6, width 10**9) would otherwise build a huge model first.
             stages = {k.split(".")[2] for k in shapes if k.startswith("image_tower.stages.")}
-            if len(stages) != 2 * int(config.get("depth", 3)) + 1:
-                raise ValueError(f"config depth {config.get('depth', 3)} does not match the weights' "
-                                 f"{len(stages)} image-tower stages")
+            if "depth" in config and len(stages) != 2 * int(config["depth"]) + 1:
+                raise ValueError(f"config depth {config['depth']} does not match the weights' {len(stages)} "
+                                 "image-tower stages")
             with torch.device("meta"):
                 expected = {k: tuple(v.shape) for k, v in cls(**config).state_dict().items()}
             if expected != shapes:

@@ -9,13 +9,13 @@ of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. The score is, as in the reference 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..files import read_json_object
 from ..models.sd import has_tokenizer_files
 from ..readable import from_pretrained_complete, reading
 from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocessor, RewardModel, missing_weights, register,
@@ -50,8 +50,7 @@ def processor_preprocessor(folder: Path, image_size: int, antialias: bool = True
     path = folder / "preprocessor_config.json"
     cfg = {}
     if path.is_file():
-        with reading(path, "image processor config"):
-            cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = read_json_object(path)
     crop = _side(cfg.get("crop_size"), image_size)
     resize = _side(cfg.get("size"), crop)
     if resize != crop:
