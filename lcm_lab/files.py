@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,38 +38,45 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def _partial_name(out: Path) -> str:
+    # The host in the name: on a shared filesystem another machine's live writer has a pid unknown here.
+    return f"{out.name}.partial-{socket.gethostname()}-{os.getpid()}"
+
+
 def _dead_partials(out: Path) -> list[Path]:
-    """``<out>.partial-<pid>`` folders left by killed writers (their process no longer exists)."""
+    """Partial folders of ``out`` left by killed writers on this host (their process no longer exists)."""
+    if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
+        return []
     dead = []
-    for folder in out.parent.glob(f"{glob.escape(out.name)}.partial-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        if not pid.isdigit():
+    prefix = f"{out.name}.partial-{socket.gethostname()}-"
+    for folder in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = folder.name[len(prefix):]
+        if not (pid.isascii() and pid.isdigit()):
             continue
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
             dead.append(folder)
-        except (PermissionError, OverflowError):  # alive under another user / not a pid
+        except (OSError, OverflowError):  # alive under another user, or not a pid
             pass
     return dead
 
 
 def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` into ``<out>.partial-<pid>``, then move the result to ``out_dir``.
+    """Run ``write(tmp)`` into ``<out>.partial-<host>-<pid>``, then move the result to ``out_dir``.
 
     An existing ``out_dir`` is moved aside (``<out>.old-<pid>``) only after ``write`` succeeded, the new
     folder is renamed into place, and the old one deleted; if the rename fails the old folder is restored.
-    Partial folders of killed writers (``<out>.partial-<pid>`` of a process that no longer exists) are removed.
+    Partial folders of killed writers (of a process of this host that no longer exists) are removed.
     """
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    tmp = out.with_name(_partial_name(out))
     old = out.with_name(f"{out.name}.old-{os.getpid()}")
     for stale in (tmp, old, *_dead_partials(out)):
-        if stale.exists():
-            shutil.rmtree(stale)
+        shutil.rmtree(stale, ignore_errors=True)  # another writer may be removing a dead one too
     tmp.mkdir()
     try:
         write(tmp)
@@ -97,14 +105,14 @@ def check_out_folder(path: str | os.PathLike) -> Path:
     return out
 
 
-def read_json_object(path: str | os.PathLike) -> dict:
+def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:
     """The JSON object in a UTF-8 file; invalid text or JSON, or another JSON type, is a ``ValueError`` naming
-    the file."""
+    ``what`` and the file."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid UTF-8 JSON ({e})") from e
+        raise ValueError(f"{what} {path} is not valid UTF-8 JSON ({e})") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+        raise ValueError(f"{what} {path} holds a JSON {type(data).__name__}, not an object")
     return data

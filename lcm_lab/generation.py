@@ -37,6 +37,8 @@ def as_seeds(seeds: Sequence) -> list[int]:
     out, bad = [], []
     for seed in seeds:
         try:
+            if isinstance(seed, bool):  # True is an int to Python, not a seed anyone means
+                raise TypeError
             out.append(operator.index(seed))
         except TypeError:
             bad.append(seed)

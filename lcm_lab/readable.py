@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 
 def first_line(error: BaseException) -> str:
@@ -14,10 +15,12 @@ def first_line(error: BaseException) -> str:
     """
     lines = str(error).strip().splitlines() or [""]
     if lines[0].startswith("Weights only load failed"):
-        detail = [ln.strip() for ln in lines[1:] if ln.strip() and "weights_only" not in ln
-                  and not ln.strip().startswith(("Please file", "Check the doc"))]
-        # keep what was refused, e.g. "Unsupported global: GLOBAL numpy...", not the advice to allow it
-        what = detail[0].removeprefix("WeightsUnpickler error:").strip().split(" Please use")[0] if detail else ""
+        # keep what was refused (e.g. "Unsupported global: GLOBAL numpy..."), not the advice to allow it
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(error))
+        detail = [found.group(1)] if found else [
+            ln.strip() for ln in lines[1:]
+            if ln.strip() and "weights_only" not in ln and not ln.strip().startswith("Check the doc")]
+        what = detail[0].split(" Please use")[0].strip() if detail else ""
         return ("not a plain tensor file, refused by torch.load(weights_only=True)" + (f": {what}" if what else ""))[:300]
     rest = [ln.strip() for ln in lines[1:] if ln.strip()]
     if lines[0].rstrip().endswith(":") and rest:  # "Error(s) in loading state_dict for X:" + the first error

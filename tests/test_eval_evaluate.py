@@ -319,8 +319,12 @@ def test_errors_before_generation(ldm, prompt_file, tmp_path):
     for seed in (np.int64(3), torch.tensor(3)):  # numpy and torch integers are seeds too
         torch.testing.assert_close(generate(ldm, PROMPTS[:1], [seed], steps=1, progress=False), expected,
                                    rtol=0, atol=0)
-    with pytest.raises(TypeError, match="seeds must be integers"):
-        evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=2, seeds=[0, 1.5], metrics=[])
+    for seeds in ([0, 1.5], [0, True]):
+        with pytest.raises(TypeError, match="seeds must be integers"):
+            evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=2, seeds=seeds, metrics=[])
+    rows = [evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=2, seeds=base, metrics=[], progress=False,
+                     warmup=False) for base in (np.int64(4), torch.tensor(4), [4, 5])]
+    assert [r["seed"] for r in rows] == [4, 4, 4]
     # init images a resize overshot by less than half a gray level are clamped, not refused
     init = torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(
@@ -328,23 +332,34 @@ def test_errors_before_generation(ldm, prompt_file, tmp_path):
         generate(ldm, PROMPTS[:2], [0, 1], images=(init * 1.001).clamp(max=1.0), strength=0.5, progress=False))
 
 
-def test_saved_images_of_an_earlier_run_survive_a_failed_one(ldm, tiny_sd, prompt_file, tmp_path):
-    from lcm_lab.imaging import save_grid
-    from lcm_lab.models.sd import load_ldm
+def test_saved_images_of_an_earlier_run_survive_a_failed_one(ldm, prompt_file, tmp_path, monkeypatch):
+    import lcm_lab.generation as generation
 
     images = tmp_path / "images"
-    save_grid(torch.rand(1, 3, 16, 16), images / "00007.png")  # from an earlier run with 8 images
-    broken = load_ldm(tiny_sd)
-    with torch.no_grad():
-        broken.unet.conv_out.bias.fill_(float("nan"))
+    (images / "notes.txt").parent.mkdir()
+    (images / "notes.txt").write_text("mine")
+    kwargs = dict(metrics=[], progress=False, warmup=False, save_images_dir=images, batch_size=1)
+    evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=3, seeds=0, **kwargs)
+    earlier = {p.name: p.read_bytes() for p in images.iterdir()}
+    assert sorted(earlier) == ["00000.png", "00001.png", "00002.png", "captions.json", "notes.txt"]
+
+    real, calls = generation.generate, []
+
+    def fails_on_the_second_batch(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise FloatingPointError("diverged")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(generation, "generate", fails_on_the_second_batch)
     with pytest.raises(FloatingPointError):
-        evaluate(broken, "ddim", 1, str(prompt_file), num_samples=2, metrics=[], progress=False, warmup=False,
-                 save_images_dir=images)
-    assert [p.name for p in images.iterdir()] == ["00007.png"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "prompts.txt"]  # no partial folder left
-    evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=2, metrics=[], progress=False, warmup=False,
-             save_images_dir=images)
-    assert sorted(p.name for p in images.iterdir()) == ["00000.png", "00001.png", "captions.json"]
+        evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=2, seeds=50, **kwargs)
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == earlier  # the first batch's image went nowhere
+    monkeypatch.undo()
+    evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=2, seeds=50, **kwargs)
+    now = {p.name: p.read_bytes() for p in images.iterdir()}
+    assert sorted(now) == ["00000.png", "00001.png", "captions.json", "notes.txt"]  # 00002 went, notes stayed
+    assert now["00000.png"] != earlier["00000.png"] and now["notes.txt"] == b"mine"
 
 
 def test_cli_refuses_impossible_settings_before_any_work(tiny_sd, prompt_file, tmp_path, monkeypatch):
@@ -368,12 +383,17 @@ def test_cli_refuses_impossible_settings_before_any_work(tiny_sd, prompt_file, t
     for name in ("metrics.json", "results.json"):
         (out / name).write_text("[earlier rows]")
     model = ["--model", str(tiny_sd)]
+    sdxl_like = tmp_path / "sdxl"  # an SDXL folder's layout (a second text encoder); never loaded
+    shutil.copytree(tiny_sd, sdxl_like)
+    (sdxl_like / "text_encoder_2").mkdir()
+    (sdxl_like / "tokenizer_2").mkdir()
     cases = (
         (["eval", *model, "--steps", "1,5000"], "num_inference_steps"),
         (["eval", *model, "--guidance", "nan"], "guidance_scale must be a finite number"),
         (["eval", *model, "--sampler", "tcd", "--gamma", "5"], r"gamma must be in \[0, 1\]"),
         (["eval", *model, "--metrics", "fd", "--prompts", str(prompt_file)], "need the toy world's prompts"),
         (["bench", "quality", "--models", f"{tiny_sd},{tmp_path / 'missing'}"], "missing does not exist"),
+        (["bench", "quality", "--models", f"{tiny_sd},{sdxl_like}"], "is an SDXL pipeline"),
         (["bench", "quality", "--models", str(tiny_sd), "--samplers", "ddim,lcm", "--steps", "2,60"],
          "num_inference_steps"),
         (["bench", "speed", "--sd15-random", "--sampler", "lcm", "--steps", "100"], "num_inference_steps"),

@@ -1,5 +1,7 @@
 """lcm_lab.files: a failed write keeps the previous file or folder and leaves no temp behind."""
 
+import socket
+
 import pytest
 
 from lcm_lab.files import atomic_write, atomic_write_text, write_folder_atomically
@@ -42,7 +44,7 @@ def test_write_folder_atomically_replaces_whole_folder_or_nothing(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]  # replaced, not merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
-    killed = tmp_path / "model.partial-999999999"  # a writer that was killed: no such process
+    killed = tmp_path / f"model.partial-{socket.gethostname()}-999999999"  # a killed writer: no such process
     killed.mkdir()
     write_folder_atomically(out, lambda d: (d / "new.txt").write_text("v3"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

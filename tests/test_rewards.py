@@ -5,6 +5,7 @@ JPEG rewards, the registry and weighted specs, and missing-weight errors."""
 import importlib.util
 import io
 import json
+import pickle
 import re
 
 import numpy as np
@@ -537,6 +538,13 @@ def test_pickled_code_is_refused_without_running_it(tmp_path, hps_checkpoint):
                                          r"numpy.*not an allowed global by default\.\)") as info:
         HPSv2Reward(checkpoint=hps, arch=str(hps_checkpoint / "tiny_arch.json"))
     assert "weights_only` set to `False" not in str(info.value) and "add_safe_globals" not in str(info.value)
+    from lcm_lab.readable import first_line
+
+    torch26 = pickle.UnpicklingError(  # torch 2.6's form: the detail on the line that names weights_only=True
+        "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely succeed.\n"
+        "Please file an issue with the following so that we can make `weights_only=True` compatible with your use "
+        "case: WeightsUnpickler error: Unsupported operand 10\n\nCheck the documentation of torch.load")
+    assert first_line(torch26) == "not a plain tensor file, refused by torch.load(weights_only=True): Unsupported operand 10"
 
 
 def test_wrong_or_partial_files_name_the_file(tmp_path, open_clip_dir, pickscore_dir, hps_checkpoint):
@@ -555,7 +563,7 @@ def test_wrong_or_partial_files_name_the_file(tmp_path, open_clip_dir, pickscore
         PickScoreReward(model_dir=pick)
     shutil.copy(pickscore_dir / "vocab.json", pick / "vocab.json")
     (pick / "preprocessor_config.json").write_text("{bad")
-    with pytest.raises(ValueError, match="preprocessor_config.json is not valid UTF-8 JSON"):
+    with pytest.raises(ValueError, match="image processor config .*preprocessor_config.json is not valid UTF-8 JSON"):
         PickScoreReward(model_dir=pick)
 
     arch = tmp_path / "arch.json"

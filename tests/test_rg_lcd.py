@@ -487,8 +487,10 @@ def test_lrm_folder_round_trip_and_a_config_that_does_not_match_its_weights(tmp_
     for change, match in (({"depth": 10**6}, "config depth 1000000 does not match the weights' 5 image-tower stages"),
                           ({"width": 10**5}, "config.json does not match model.safetensors: .* tensors missing or of "
                                              "another shape"),
-                          ({"heads": 4}, "TypeError: .*unexpected keyword argument 'heads'")):
-        (folder / "config.json").write_text(json.dumps({**lrm.config, **change}))
+                          ({"heads": 4}, "TypeError: .*unexpected keyword argument 'heads'"),
+                          ({"depth": None}, "config.json does not match model.safetensors")):  # default depth 3
+        config = {k: v for k, v in {**lrm.config, **change}.items() if v is not None}
+        (folder / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=f"cannot read LRM folder {folder} .*{match}"):
             LatentRewardModel.from_pretrained(folder)
     (folder / "config.json").write_text("[1, 2]")

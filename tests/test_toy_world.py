@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -86,7 +87,8 @@ def test_write_folder(tmp_path):
     from PIL import Image
 
     world = ToyWorld(5)
-    stale = tmp_path / f"data.partial-{os.getpid()}"  # an interrupted write's files must not end up in the folder
+    # an interrupted write's files must not end up in the folder
+    stale = tmp_path / f"data.partial-{socket.gethostname()}-{os.getpid()}"
     stale.mkdir()
     (stale / "0000009.png").write_bytes(b"stale")
     out = world.write_folder(tmp_path / "data", 4)

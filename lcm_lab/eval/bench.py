@@ -150,15 +150,20 @@ def bench_quality(models: Sequence, samplers: Sequence[str], steps_list: Sequenc
         the rows (also in ``results.json``); results are rewritten after every row, so an
         interrupted run keeps what it finished.
     """
-    from ..models.sd import load_ldm
     from ..generation import check_sampling
+    from ..models.sd import load_ldm
+    from ..models.sdxl import is_sdxl_dir
     from .evaluate import _default_device, check_metric_names, read_rows, resolve_prompts
+    from .prompts import PromptSet
 
     out = Path(out_dir)
     check_out_folder(out)
     check_sampling(models, samplers, steps_list, guidance, gamma)
+    sdxl = [m for m in models if m is not None and is_sdxl_dir(m)]
+    if sdxl:  # load_ldm would refuse them only after the rows of the models before them
+        raise ValueError(f"{sdxl[0]} is an SDXL pipeline; bench quality takes SD 1.x/2.x folders")
     if metrics is not None:
-        check_metric_names(metrics, toy=getattr(prompt_set, "name", prompt_set) == "toy")
+        check_metric_names(metrics, toy=(prompt_set.name if isinstance(prompt_set, PromptSet) else prompt_set) == "toy")
     previous = read_rows(out / "results.json") if resume else []
     device = device or _default_device()
     rows: list[dict] = []

@@ -62,7 +62,7 @@ def device_arg(text: str) -> str:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA GPU on this machine; use cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -70,7 +70,7 @@ def device_arg(text: str) -> str:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine; use cpu")
     if device.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"device type {device.type!r} is not supported; use cpu or cuda")
+        raise argparse.ArgumentTypeError(f"device type {device.type!r} is not supported; use cpu, cuda or mps")
     return text
 
 

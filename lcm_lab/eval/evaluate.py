@@ -32,7 +32,7 @@ import collections
 import json
 import math
 import os
-import tempfile
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -485,8 +485,8 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         if long:
             raise ValueError(f"{len(long)} prompt(s) of {pset.name} exceed the model's {limit} tokens "
                              f"(e.g. {long[0][:80]!r}); shorten them or pass truncate=True (--truncate)")
-    if isinstance(seeds, int):
-        seed_list = [seeds + i for i in range(n)]
+    if not isinstance(seeds, Sequence) and getattr(seeds, "ndim", None) != 1:  # one base seed (int, numpy, 0-d)
+        seed_list = [as_seeds([seeds])[0] + i for i in range(n)]
     else:
         seed_list = as_seeds(seeds)
         if len(seed_list) != n:
@@ -532,16 +532,21 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
 
     if save_images_dir is None:
         gen_seconds = run(None)
-    else:  # into a temp folder first: a failed run leaves an earlier run's images as they were
+    else:  # into a temp folder inside it first: a failed run leaves an earlier run's images as they were
         out_dir = Path(save_images_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-") as tmp:
-            gen_seconds = run(Path(tmp))
+        tmp = out_dir / ".partial"  # inside: the same filesystem, so the moves below are renames
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed run's
+        tmp.mkdir(parents=True)
+        try:
+            gen_seconds = run(tmp)
+            new = {file.name for file in tmp.iterdir()}
+            for name in sorted(new):
+                os.replace(tmp / name, out_dir / name)
             for earlier in out_dir.glob("*.png"):  # an earlier, larger run's extra images would mix with these
-                if earlier.stem.isdigit() and len(earlier.stem) >= 5:
+                if earlier.name not in new and earlier.stem.isdigit() and len(earlier.stem) >= 5:
                     earlier.unlink()
-            for file in Path(tmp).iterdir():  # other files in the folder stay
-                os.replace(file, out_dir / file.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     row = dict(settings)
     row.update(acc.result())
     row["metric_sources"] = suite.sources

@@ -161,8 +161,8 @@ def load_schedule(folder: Path, hint: str = "Copy the scheduler/ folder of the m
     path = folder / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"model folder {folder} lacks scheduler/scheduler_config.json. {hint}")
-    with reading(path, "scheduler config"):
-        config = read_json_object(path)
+    config = read_json_object(path, "scheduler config")
+    with reading(path, "scheduler config"):  # a wrong type or NaN in a value fails in here
         return config, NoiseSchedule.from_scheduler(config)
 
 

@@ -268,6 +268,8 @@ class SDXLModel(LDMParts):
         for tokenizer in self.text.tokenizers:
             prompts = check_prompts(tokenizer, prompts, truncate=truncate)
         r = self.image_size if image_size is None else image_size
+        if r < 1:
+            raise ValueError(f"image size must be positive, got {r}")
         return self.text.encode(prompts, original_size=(r, r), crop_top_left=(0, 0), target_size=(r, r))
 
     def unconditional(self, cond: Conditioning) -> Conditioning:

@@ -25,9 +25,10 @@
   with an ``LCMScheduler`` (the form of diffusers' LCM-SDXL; the SDXL pipeline embeds ``guidance_scale - 1``
   when ``unet.config.time_cond_proj_dim`` is set).
 
-All write into a temporary sibling folder ``<out>.partial-<pid>`` and move it into place only when it is
+All write into a temporary sibling folder ``<out>.partial-<host>-<pid>`` and move it into place only when it is
 complete; an existing ``out_dir`` is replaced only after the new folder is complete, so a crash never leaves
-a half-written model (at worst a stale ``<out>.partial-*``/``<out>.old-*`` after a hard kill).
+a half-written model (at worst a stale ``<out>.old-*`` after a hard kill; a killed writer's partial folder
+is removed by the next write).
 """
 
 from __future__ import annotations

@@ -53,10 +53,7 @@ def _config_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"open_clip model config {path} does not exist")
-    try:
-        return read_json_object(path)
-    except ValueError as e:
-        raise ValueError(f"open_clip model config {e}") from e
+    return read_json_object(path, "open_clip model config")
 
 
 def _architecture_config(arch: str | os.PathLike | Mapping) -> dict | None:

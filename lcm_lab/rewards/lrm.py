@@ -181,8 +181,8 @@ class LatentRewardModel(nn.Module):
         if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"{folder} is not an LRM folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}, "
                                     "as written by LatentRewardModel.save_pretrained / the rg_lcd export)")
+        config = read_json_object(folder / CONFIG_NAME, "LRM config")
         with reading(folder, "LRM folder"):
-            config = read_json_object(folder / CONFIG_NAME)
             with safe_open(folder / WEIGHTS_NAME, "pt") as f:
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             # Compare the config with the weights' header before allocating anything: a corrupt config

@@ -50,7 +50,7 @@ def processor_preprocessor(folder: Path, image_size: int, antialias: bool = True
     path = folder / "preprocessor_config.json"
     cfg = {}
     if path.is_file():
-        cfg = read_json_object(path)
+        cfg = read_json_object(path, "image processor config")
     crop = _side(cfg.get("crop_size"), image_size)
     resize = _side(cfg.get("size"), crop)
     if resize != crop:
