@@ -38,17 +38,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _partial_name(out: Path) -> str:
+def _side_folder(out: Path, kind: str) -> Path:
     # The host in the name: on a shared filesystem another machine's live writer has a pid unknown here.
-    return f"{out.name}.partial-{socket.gethostname()}-{os.getpid()}"
+    return out.with_name(f"{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
 
 
-def _dead_partials(out: Path) -> list[Path]:
-    """Partial folders of ``out`` left by killed writers on this host (their process no longer exists)."""
+def _dead_writers(out: Path, kind: str) -> list[Path]:
+    """``<out>.<kind>-<host>-<pid>`` folders (``kind`` "partial" or "old") of writers on this host whose process
+    no longer exists."""
     if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
         return []
     dead = []
-    prefix = f"{out.name}.partial-{socket.gethostname()}-"
+    prefix = f"{out.name}.{kind}-{socket.gethostname()}-"
     for folder in out.parent.glob(f"{glob.escape(prefix)}*"):
         pid = folder.name[len(prefix):]
         if not (pid.isascii() and pid.isdigit()):
@@ -65,17 +66,22 @@ def _dead_partials(out: Path) -> list[Path]:
 def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` into ``<out>.partial-<host>-<pid>``, then move the result to ``out_dir``.
 
-    An existing ``out_dir`` is moved aside (``<out>.old-<pid>``) only after ``write`` succeeded, the new
+    An existing ``out_dir`` is moved aside (``<out>.old-<host>-<pid>``) only after ``write`` succeeded, the new
     folder is renamed into place, and the old one deleted; if the rename fails the old folder is restored.
-    Partial folders of killed writers (of a process of this host that no longer exists) are removed.
+    What killed writers of this host left is tidied first: a writer killed between its two renames left only
+    its ``old`` folder, which is put back; partial folders are removed.
     """
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(_partial_name(out))
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    for stale in (tmp, old, *_dead_partials(out)):
+    tmp, old = _side_folder(out, "partial"), _side_folder(out, "old")
+    dead_olds = _dead_writers(out, "old")
+    if dead_olds and not out.exists():  # the last complete version
+        newest = max(dead_olds, key=lambda p: p.stat().st_mtime)
+        os.replace(newest, out)
+        dead_olds.remove(newest)
+    for stale in (tmp, old, *_dead_writers(out, "partial"), *dead_olds):
         shutil.rmtree(stale, ignore_errors=True)  # another writer may be removing a dead one too
     tmp.mkdir()
     try:

@@ -195,6 +195,8 @@ def test_images_outside_unit_range_are_an_error():
 
 
 def test_fewer_than_two_samples_is_a_value_error(inception64):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        InceptionMetrics(feature=64, inception=inception64, batch_size=0)
     metrics = InceptionMetrics(feature=64, inception=inception64)
     images = smooth_images(3, size=16)
     metrics.update(images[:1], real=True)

@@ -1,5 +1,6 @@
 """lcm_lab.files: a failed write keeps the previous file or folder and leaves no temp behind."""
 
+import os
 import socket
 
 import pytest
@@ -47,6 +48,12 @@ def test_write_folder_atomically_replaces_whole_folder_or_nothing(tmp_path):
     killed = tmp_path / f"model.partial-{socket.gethostname()}-999999999"  # a killed writer: no such process
     killed.mkdir()
     write_folder_atomically(out, lambda d: (d / "new.txt").write_text("v3"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # a writer killed between its two renames left the previous version only as its "old" folder
+    os.replace(out, tmp_path / f"model.old-{socket.gethostname()}-999999999")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        write_folder_atomically(out, fails)
+    assert (out / "new.txt").read_text() == "v3"  # put back before the new write began
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
     (tmp_path / "file").write_text("x")

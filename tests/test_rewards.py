@@ -381,6 +381,8 @@ def test_jpeg_rewards_order_flat_above_noisy():
     assert 0 < i[0] < i[1]
     with pytest.raises(ValueError, match="NaN or inf"):  # not cast to a gray level and given a size
         comp(torch.cat([flat, flat * torch.nan]), None)
+    with pytest.raises(ValueError, match="no images to score"):
+        comp(torch.zeros(0, 3, 64, 64), [])
 
 
 # ----------------------------------------------------------------------------- registry and specs
@@ -410,6 +412,13 @@ def test_parse_reward_terms():
 def test_malformed_specs_raise_value_error(spec):
     with pytest.raises(ValueError):
         parse_reward_terms(spec)
+
+
+def test_model_kwargs_must_map_names_to_keyword_dicts():
+    with pytest.raises(ValueError, match=r"got 5 for 'jpeg-compressibility'"):
+        parse_reward_spec("jpeg-compressibility", model_kwargs={"jpeg-compressibility": 5})
+    reward = parse_reward_spec("jpeg-compressibility", model_kwargs={"jpeg-compressibility": {"quality": 50}})
+    assert reward.models[0].quality == 50
 
 
 def test_weighted_spec_values_and_components():

@@ -195,6 +195,8 @@ class InceptionMetrics:
         self.device = torch.device(device)
         self.feature = feature
         self.antialias = antialias
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.kid_subsets = int(kid_subsets)
         self.kid_subset_size = int(kid_subset_size)

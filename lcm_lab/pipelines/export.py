@@ -27,8 +27,8 @@
 
 All write into a temporary sibling folder ``<out>.partial-<host>-<pid>`` and move it into place only when it is
 complete; an existing ``out_dir`` is replaced only after the new folder is complete, so a crash never leaves
-a half-written model (at worst a stale ``<out>.old-*`` after a hard kill; a killed writer's partial folder
-is removed by the next write).
+a half-written model; what a hard kill leaves beside it is tidied by the next write (a previous model left
+only as ``<out>.old-*`` is put back).
 """
 
 from __future__ import annotations

@@ -191,6 +191,8 @@ class RewardModel(torch.nn.Module):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"{self.name}: expected images of shape (B, 3, H, W) in [0, 1], got {shape}")
+        if images.shape[0] == 0:
+            raise ValueError(f"{self.name}: no images to score (an empty batch)")
         if not images.is_floating_point():  # e.g. uint8 from torchvision.io.read_image: 0..255 would be scored
             raise ValueError(f"{self.name}: expected float images in [0, 1], got {images.dtype} "
                              "(divide uint8 images by 255)")
@@ -434,6 +436,10 @@ def parse_reward_spec(spec: str, model_kwargs: Mapping[str, Mapping] | None = No
             that is not in the spec.
     """
     terms = parse_reward_terms(spec)
+    bad = [k for k, v in (model_kwargs or {}).items() if not isinstance(v, Mapping)]
+    if bad:
+        raise ValueError(f"model_kwargs maps each reward name to its keyword arguments (a dict), e.g. "
+                         f"{{'imagereward': {{'clip_max': 2.0}}}}; got {(model_kwargs or {})[bad[0]]!r} for {bad[0]!r}")
     model_kwargs = {str(k).lower(): dict(v) for k, v in (model_kwargs or {}).items()}
     unused = sorted(set(model_kwargs) - {name for _, name in terms})
     if unused:
