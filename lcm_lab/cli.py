@@ -25,13 +25,13 @@ from .training import METHODS, USER_ERRORS  # noqa: E402  (lazy loaders: imports
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from .generation import check_sampling, generate, resolve_steps
-    from .imaging import image_format, load_images, save_grid
+    from .imaging import check_output_image, load_images, save_grid
     from .models.sd import load_ldm
     from .models.sdxl import is_sdxl_dir, load_sdxl
 
     prompts = args.prompt
     # A bad --out or impossible sampler settings fail now, not after loading the model and sampling.
-    image_format(args.out)
+    check_output_image(args.out)
     if args.strength != 1.0 and not args.image:
         raise ValueError("--strength needs an init image (--image PNG)")
     guidance = args.guidance if args.guidance is not None else TOY_GUIDANCE

@@ -13,7 +13,8 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "check_out_folder", "read_json_object", "write_folder_atomically"]
+__all__ = ["atomic_write", "atomic_write_text", "check_out_folder", "install_folder", "read_json_object",
+           "recover_swaps", "write_folder_atomically"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -43,59 +44,87 @@ def _side_folder(out: Path, kind: str) -> Path:
     return out.with_name(f"{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
 
 
-def _dead_writers(out: Path, kind: str) -> list[Path]:
-    """``<out>.<kind>-<host>-<pid>`` folders (``kind`` "partial" or "old") of writers on this host whose process
-    no longer exists."""
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # alive under another user, or not a pid: leave its folder alone
+        return True
+    return True
+
+
+def _dead_side_folders(parent: Path, pattern: str, kind: str) -> list[tuple[Path, Path]]:
+    """``(folder, target)`` for every ``<target>.<kind>-<host>-<pid>`` in ``parent`` (targets matching the glob
+    ``pattern``) whose writer, a process of this host, no longer exists."""
     if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
         return []
-    dead = []
-    prefix = f"{out.name}.{kind}-{socket.gethostname()}-"
-    for folder in out.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = folder.name[len(prefix):]
-        if not (pid.isascii() and pid.isdigit()):
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            dead.append(folder)
-        except (OSError, OverflowError):  # alive under another user, or not a pid
-            pass
-    return dead
+    marker = f".{kind}-{socket.gethostname()}-"
+    found = []
+    for folder in parent.glob(f"{pattern}{glob.escape(marker)}*"):
+        target, _, pid = folder.name.rpartition(marker)
+        if target and pid.isascii() and pid.isdigit() and not _process_exists(int(pid)):
+            found.append((folder, parent / target))
+    return found
+
+
+def recover_swaps(parent: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """Tidy what killed writers of this host left in ``parent`` beside folders matching the glob ``pattern``.
+
+    A writer killed between the two renames of :func:`install_folder` left the previous version only as its
+    ``old`` folder: that goes back under its name (the newest, if several), and is returned. Other ``old`` and
+    all ``partial`` folders of dead writers are removed.
+    """
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    restored = []
+    olds = sorted(_dead_side_folders(parent, pattern, "old"), key=lambda pair: pair[0].stat().st_mtime, reverse=True)
+    for folder, target in olds:
+        if not target.exists():
+            os.replace(folder, target)
+            restored.append(target)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)  # another writer may be removing it too
+    for folder, _ in _dead_side_folders(parent, pattern, "partial"):
+        shutil.rmtree(folder, ignore_errors=True)
+    return restored
+
+
+def install_folder(tmp: Path, out: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out`` so that one complete copy always exists: an existing ``out``
+    is first moved aside (``<out>.old-<host>-<pid>``), then deleted; if the rename fails it is put back. A crash
+    between the two renames leaves the old copy for :func:`recover_swaps`."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = _side_folder(out, "old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` into ``<out>.partial-<host>-<pid>``, then move the result to ``out_dir``.
+    """Run ``write(tmp)`` into ``<out>.partial-<host>-<pid>``, then :func:`install_folder` it as ``out_dir``.
 
-    An existing ``out_dir`` is moved aside (``<out>.old-<host>-<pid>``) only after ``write`` succeeded, the new
-    folder is renamed into place, and the old one deleted; if the rename fails the old folder is restored.
-    What killed writers of this host left is tidied first: a writer killed between its two renames left only
-    its ``old`` folder, which is put back; partial folders are removed.
+    What killed writers of ``out_dir`` left is tidied first (:func:`recover_swaps`).
     """
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = _side_folder(out, "partial"), _side_folder(out, "old")
-    dead_olds = _dead_writers(out, "old")
-    if dead_olds and not out.exists():  # the last complete version
-        newest = max(dead_olds, key=lambda p: p.stat().st_mtime)
-        os.replace(newest, out)
-        dead_olds.remove(newest)
-    for stale in (tmp, old, *_dead_writers(out, "partial"), *dead_olds):
-        shutil.rmtree(stale, ignore_errors=True)  # another writer may be removing a dead one too
+    recover_swaps(out.parent, glob.escape(out.name))
+    tmp = _side_folder(out, "partial")
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         write(tmp)
-        if out.exists():
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        install_folder(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,7 @@ from .core.noise import generators_for_seeds, randn
 from .core.parameterization import guidance_scale_embedding
 from .core.sampling import SAMPLERS, noised_start, timesteps_for
 from .core.schedules import NoiseSchedule
+from .imaging import check_finite
 from .models.sd import LDMParts
 from .core.conditioning import Conditioning
 
@@ -112,8 +113,7 @@ def _checked_init_images(images: torch.Tensor, num_prompts: int, image_size: int
     if tuple(images.shape[-2:]) != (image_size, image_size):
         raise ValueError(f"init images are {tuple(images.shape[-2:])} px but the model generates {image_size} px; "
                          "resize them (lcm_lab.imaging.load_images(..., size=...))")
-    if not bool(torch.isfinite(images).all()):
-        raise ValueError("init images hold NaN or inf values")
+    check_finite(images, "init images")
     lo, hi = float(images.min()), float(images.max())
     if lo < -0.002 or hi > 1.002:  # half a gray level of slack for a resize's overshoot, which is clamped
         raise ValueError(f"init images must be floats in [0, 1], got min {lo:.4g}, max {hi:.4g} "

@@ -34,10 +34,10 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def check_finite(images: torch.Tensor) -> None:
-    """NaN or inf pixels (a diverged model) are a ``ValueError``: cast to 8 bits they would pass as some gray."""
+def check_finite(images: torch.Tensor, what: str = "images (the model's outputs)") -> None:
+    """NaN or inf pixels are a ``ValueError`` naming ``what``: cast to 8 bits they would pass as some gray."""
     if not bool(torch.isfinite(images).all()):
-        raise ValueError("images hold NaN or inf values: the model produced non-finite outputs")
+        raise ValueError(f"{what} hold NaN or inf values")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -75,21 +75,30 @@ def image_format(path: str | os.PathLike) -> str:
     """The PIL format an image file written to ``path`` gets, from its extension (``.png`` -> ``"PNG"``).
 
     Raises:
-        ValueError: ``path`` is a folder or lies under a file, or its extension is not an image format PIL
-            can write.
+        ValueError: ``path`` is a folder, or its extension is not an image format PIL can write.
     """
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give an image file name such as {path / 'sample.png'}")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{path}: {parent} is a file, so no folder can be made there")
     fmt = _rgb_format(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: not an image file name PIL can write as RGB (use .png, .jpg or .webp)")
     return fmt
+
+
+def check_output_image(path: str | os.PathLike) -> str:
+    """:func:`image_format` of ``path``, after checking that the file can be created there (no existing file
+    where a folder must be made). Commands call it before any work; it walks the path, so not per image.
+
+    Raises:
+        ValueError: as :func:`image_format`, or ``path`` lies under a file.
+    """
+    parent = Path(path).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{path}: {parent} is a file, so no folder can be made there")
+    return image_format(path)
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> Path:

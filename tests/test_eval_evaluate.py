@@ -205,7 +205,7 @@ def test_eval_resume_reuses_finished_rows_only(tiny_sd, prompt_file, tmp_path, m
         run("--steps", "2", "--resume")
 
 
-def test_evaluate_fid_kid_against_a_reference_folder(ldm, prompt_file, tmp_path):
+def test_evaluate_fid_kid_against_a_reference_folder(ldm, prompt_file, tmp_path, monkeypatch):
     from lcm_lab.eval.fid import INCEPTION_FILE, InceptionMetrics
     from lcm_lab.generation import generate
     from lcm_lab.imaging import save_grid
@@ -239,6 +239,15 @@ def test_evaluate_fid_kid_against_a_reference_folder(ldm, prompt_file, tmp_path)
         shutil.copy(ref_dir / f"real_{i}.png", fewer)
     other = MetricSuite(None, toy=False, inception=weights, reference=fewer, fid_options=options)
     assert evaluate(ldm, suite=other, **again)["fid_reference_num"] == 3
+    # the weights the loader resolved count, not the argument: other weights through the environment variable
+    # (--inception not given) recompute the row
+    second = tmp_path / "second" / INCEPTION_FILE
+    second.parent.mkdir()
+    torch.save(_sibling("test_eval_fid").random_inception_state_dict(seed=1), second)
+    monkeypatch.setenv("LCM_LAB_INCEPTION_WEIGHTS", str(second))
+    from_env = MetricSuite(["fid"], toy=False, reference=ref_dir, fid_options=options)
+    assert f"inception={second}" in from_env.sources
+    assert evaluate(ldm, suite=from_env, **again)["fid"] != row["fid"]
 
     files = list_images(ref_dir)
     assert len(files) == 6

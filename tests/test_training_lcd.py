@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -152,8 +153,8 @@ def test_corrupt_or_incomplete_checkpoint_names_the_folder(tmp_path):
         run_lcd(tmp_path, 4, **resume, **{"train.seed": 1})
     # a state file whose step is not its folder's; the checkpointed skip counters missing
     state.write_text(json.dumps({**json.loads(good), "step": 99}))
-    with pytest.raises(CheckpointError, match=r"checkpoint-2: unreadable lcm_lab_state.json \(ValueError: it records "
-                                              r"step 99\)"):
+    with pytest.raises(CheckpointError, match=r"checkpoint-2: its lcm_lab_state.json records step 99, not the "
+                                              r"folder's"):
         run_lcd(tmp_path, 4, **resume)
     state.write_text(good)
     counters = ckpt / "extra" / "counters.safetensors"
@@ -186,16 +187,19 @@ def test_a_resume_takes_this_runs_optimizer_settings(tmp_path, capsys):
 
 def test_a_save_interrupted_while_swapping_a_resaved_step_is_put_back(tmp_path, capsys):
     """Re-saving a step moves the old copy aside before the new one takes its name: a crash between the two
-    leaves only ``.old-checkpoint-<step>``, which the next run restores instead of resuming from an earlier step."""
+    leaves only ``checkpoint-<step>.old-<host>-<pid>``, which the next run restores instead of resuming from an
+    earlier step; a crash mid-save leaves a ``.tmp-checkpoint-<step>`` folder, which it removes."""
     run_lcd(tmp_path, 3, **{"train.checkpointing_steps": 1})
     assert "to resume: training from step 0" in capsys.readouterr().out  # `latest` in a new folder, said
     root = tmp_path / "checkpoints"
-    os.replace(root / "checkpoint-3", root / ".old-checkpoint-3")
+    killed = f"checkpoint-3.old-{socket.gethostname()}-999999999"  # the pid of a writer that no longer exists
+    os.replace(root / "checkpoint-3", root / killed)
+    shutil.copytree(root / "checkpoint-2", root / ".tmp-checkpoint-5")
     run_lcd(tmp_path, 3, **{"train.resume_from_checkpoint": "latest"})
     out = capsys.readouterr().out
     assert "put back" in out and "resumed from" in out and "at step 3" in out
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-3"]
-    shutil.copytree(root / "checkpoint-3", root / ".old-checkpoint-3")  # a crash after the swap: only cleanup left
+    shutil.copytree(root / "checkpoint-3", root / killed)  # a crash after the swap: only cleanup left
     run_lcd(tmp_path, 3, **{"train.resume_from_checkpoint": "latest"})
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-3"]
 

@@ -230,20 +230,19 @@ class MetricSuite:
             self.inception = InceptionMetrics(inception, device=self.device, kid="kid" in self.metrics,
                                               **(fid_options or {}))
         # What the metric values depend on besides the images, recorded in each row: `--resume` reuses a row
-        # only if it was measured against the same references and weights.
-        def named(model, env: str, toy_default: str | None = None) -> str | None:
-            if model is None:  # what the loaders fall back to
-                return toy_default if toy else os.environ.get(env)
-            return type(model).__name__ if isinstance(model, RewardModel) else str(model)
+        # only if it was measured against the same references and weights. Read from the loaded models (the
+        # files the loaders resolved, environment variables included), not from the arguments.
+        def loaded_from(model) -> str:
+            return str(getattr(model, "checkpoint", None) or getattr(model, "source", None) or type(model).__name__)
 
         sources = {"reference": reference if fid_kid else None,
                    "reference_num": self.reference_num if "fd" in self.metrics or (fid_kid and reference is None)
                    else None,
-                   "inception": inception if fid_kid else None,
+                   "judge": loaded_from(self.judge) if self.judge is not None else None,
+                   "inception": loaded_from(self.inception) if fid_kid else None,
                    "fid_options": sorted((fid_options or {}).items()) if fid_kid else None,
-                   "clip": named(clip, "LCM_LAB_CLIP_CHECKPOINT", "toy-clip") if "clip" in self.metrics else None,
-                   "hps": (f"{named(hps, 'LCM_LAB_HPS_CHECKPOINT')} {hps_version} {hps_arch}"
-                           if "hpsv2" in self.metrics else None)}
+                   "clip": loaded_from(self.clip) if self.clip is not None else None,
+                   "hps": f"{loaded_from(self.hps)} {hps_version} {hps_arch}" if self.hps is not None else None}
         self.sources = "; ".join(f"{k}={v}" for k, v in sources.items() if v is not None)
         self._toy_refs: list = []  # [(vae, floor sample size, ToyReference)]
         self.fid_reference: str | None = None  # how the FID/KID reference was prepared, for the rows

@@ -201,8 +201,10 @@ class InceptionMetrics:
         self.kid_subsets = int(kid_subsets)
         self.kid_subset_size = int(kid_subset_size)
         self.kid_seed = int(kid_seed)
+        # the file the weights came from (env var or cache resolved), what a result depends on
+        self.checkpoint = None if inception is not None else inception_weights_path(weights)
         self.inception = inception if inception is not None else load_inception(
-            weights, feature, antialias, self.device, inception_dtype)
+            self.checkpoint, feature, antialias, self.device, inception_dtype)
         self._fid = self._make_fid()
         self._kid = self._make_kid() if kid else None
 

@@ -227,7 +227,9 @@ def load_sdxl_text(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     Raises:
         FileNotFoundError: ``path`` is missing, or lacks one of the four subfolders (named in the
-            message, with how to obtain an SDXL pipeline folder).
+            message, with how to obtain an SDXL pipeline folder), or a tokenizer lacks its vocabulary files.
+        ValueError: unreadable weights, weights missing some of the encoder's tensors, or a tokenizer with
+            more tokens than its encoder.
     """
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -293,6 +295,8 @@ def load_sdxl(path: str | os.PathLike, device: str | torch.device = "cpu",
     Raises:
         FileNotFoundError: the folder, one of its subfolders (named in the message, with how to obtain the
             weights) or ``scheduler/scheduler_config.json`` is missing.
+        ValueError: an unreadable scheduler config or weights, or weights missing some of a network's tensors
+            (as :func:`load_sdxl_text` for the text side).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 

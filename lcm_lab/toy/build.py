@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from ..files import atomic_write, atomic_write_text, write_folder_atomically
+from ..files import atomic_write, atomic_write_text, read_json_object, write_folder_atomically
 from . import models
 from .judge import AttributeJudge
 from .tokenizer import load_clip_tokenizer, write_clip_tokenizer
@@ -93,7 +93,7 @@ def _check_work_cache(cfg: BuildConfig, stage: str, cache: Path) -> None:
     """Refuse a work-folder cache (``data``, ``vae``, ``latents``) built with other settings, or one with no
     record of them; record the settings of one about to be built (``settings.json`` in the work folder)."""
     record = Path(cfg.work_dir) / "settings.json"
-    saved = json.loads(record.read_text()) if record.exists() else {}
+    saved = read_json_object(record, "toy build settings record") if record.exists() else {}
     if stage in saved:
         _refuse_other_settings(cfg.work_dir, stage, saved[stage], cfg,
                                "use another --work-dir (or delete that folder's caches to rebuild them)")

@@ -86,4 +86,5 @@ class AttributeJudge(nn.Module):
         with reading(folder, "toy judge folder"):
             model = cls(**json.loads((folder / CONFIG_NAME).read_text()))
             model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        model.checkpoint = folder  # where it came from: evaluation rows record it
         return model.eval()

@@ -18,6 +18,7 @@ import torch
 from accelerate.utils import load
 from safetensors.torch import load_file, save_file
 
+from ..files import install_folder, recover_swaps
 from ..readable import first_line
 
 __all__ = ["CheckpointError", "checkpoint_dirs", "find_checkpoint", "check_resumable", "save_checkpoint",
@@ -46,18 +47,13 @@ def _step_of(folder: Path) -> int | None:
 
 
 def recover_interrupted_swap(root: str | os.PathLike) -> list[Path]:
-    """Finish what a crash inside :func:`save_checkpoint`'s swap of a re-saved step left: the previous copy,
-    moved aside to ``.old-checkpoint-<step>``, goes back under its name if no new copy took it; otherwise it
-    is deleted. Returns the checkpoints put back. Main process only, before anything reads the folder."""
-    restored = []
-    for stale in Path(root).glob(f".old-{PREFIX}*") if Path(root).is_dir() else []:
-        final = stale.with_name(stale.name[len(".old-"):])
-        if final.exists():
-            shutil.rmtree(stale)
-        else:
-            os.replace(stale, final)
-            restored.append(final)
-    return restored
+    """Finish what a crash inside :func:`save_checkpoint` left: the previous copy of a re-saved step, moved
+    aside by :func:`~lcm_lab.files.install_folder`, goes back under its name if no new copy took it (returned);
+    half-written ``.tmp-checkpoint-<step>`` folders are removed. Main process only, before anything reads the
+    folder."""
+    for tmp in Path(root).glob(f".tmp-{PREFIX}*") if Path(root).is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return recover_swaps(root, f"{PREFIX}*")
 
 
 def find_checkpoint(root: str | os.PathLike, spec: str) -> Path:
@@ -98,14 +94,7 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, extra: dict
         for name, tensors in extra.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "extra" / f"{name}.safetensors")
         (tmp / "lcm_lab_state.json").write_text(json.dumps({"step": step, "layout": layout or {}}))
-        if final.exists():  # a re-run reached this step again: swap, so that one copy always exists
-            stale = root / f".old-{PREFIX}{step}"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            os.replace(tmp, final)
-            shutil.rmtree(stale)
-        else:
-            os.replace(tmp, final)
+        install_folder(tmp, final)  # a re-run that reached this step again swaps: one copy always exists
         # Checkpoints after this step belong to a run this one abandoned by resuming from an earlier checkpoint
         # into the same folder: drop them, so that `latest` and the limit only ever see this run's checkpoints.
         found = checkpoint_dirs(root)
@@ -125,15 +114,17 @@ def check_resumable(path: Path, layout: dict | None = None) -> int:
     Raises:
         CheckpointError: the state file is unreadable, or the layout differs.
     """
+    advice = ("If the folder is damaged, delete it to resume from the previous checkpoint (with none left, the run "
+              "starts over).")
     try:
         state = json.loads((path / "lcm_lab_state.json").read_text())
         step = int(state["step"])
-        if step < 0 or _step_of(path) not in (None, step):
-            raise ValueError(f"it records step {step}")
     except Exception as e:
         raise CheckpointError(f"cannot resume from {path}: unreadable lcm_lab_state.json ({type(e).__name__}: {e}). "
-                              "If the folder is damaged, delete it to resume from the previous checkpoint (with "
-                              "none left, the run starts over).") from e
+                              + advice) from e
+    if step < 0 or _step_of(path) not in (None, step):
+        raise CheckpointError(f"cannot resume from {path}: its lcm_lab_state.json records step {step}, not the "
+                              f"folder's. " + advice)
     saved = state.get("layout") or {}  # absent in checkpoints written before layouts were recorded
     changed = {k: (saved[k], v) for k, v in (layout or {}).items() if k in saved and saved[k] != v}
     if changed:

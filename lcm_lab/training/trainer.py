@@ -174,10 +174,14 @@ def _trackers(report_to: str) -> list[str] | None:
     return found or None
 
 
+def _adamw_settings(cfg: LoopConfig) -> dict:
+    """AdamW's settings from the config, learning rate aside."""
+    return {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon, "weight_decay": cfg.adam_weight_decay}
+
+
 def _optimizer(params, cfg: LoopConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; the fused kernel when the device has one (one kernel over all tensors, also on CPU)."""
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    kwargs = dict(lr=cfg.learning_rate, **_adamw_settings(cfg))
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, ValueError):
@@ -371,7 +375,7 @@ def _apply_optimizer_settings(optimizer, lr_scheduler, cfg: LoopConfig, say: Cal
     saved); here its base rate is set too. Unchanged settings leave every value as it was (an exact resume).
     """
     scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps the torch scheduler
-    wanted = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon, "weight_decay": cfg.adam_weight_decay}
+    wanted = _adamw_settings(cfg)
     changed = {}
     for i, group in enumerate(optimizer.param_groups):
         for key, value in wanted.items():
