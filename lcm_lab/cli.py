@@ -17,7 +17,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: every model is a local folder
 
-from .eval.commands import add_bench_parser, add_eval_parser, positive_int, seed_arg  # noqa: E402
+from .arg_types import positive_int, seed_arg  # noqa: E402
+from .eval.commands import add_bench_parser, add_eval_parser  # noqa: E402
 
 from .toy import TEACHER_GUIDANCE as TOY_GUIDANCE  # noqa: E402
 from .training import METHODS, USER_ERRORS  # noqa: E402  (lazy loaders: imports nothing heavy)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .arg_types import MAX_SEED
 from .core.denoiser import UNetModel
 from .core.noise import generators_for_seeds, randn
 from .core.parameterization import guidance_scale_embedding
@@ -179,7 +180,7 @@ def generate(
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     seeds = as_seeds(seeds)
-    if any(not 0 <= s < 2**63 for s in seeds):  # per-seed noise seeds int64 generators
+    if any(not 0 <= s < MAX_SEED for s in seeds):
         raise ValueError(f"seeds must be in [0, 2**63), got {min(seeds)}..{max(seeds)}")
     if not prompts:
         raise ValueError("no prompts: nothing to generate")

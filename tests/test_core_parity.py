@@ -284,3 +284,5 @@ def test_sampler_argument_errors(text):
         sample_ddim(model, x, schedule, [999], eta=-0.1)
     with pytest.raises(ValueError, match="step_ratio"):
         sample_ddim(model, x, schedule, [999], step_ratio=0)
+    with pytest.raises(ValueError, match=r"noise shape \(2, 4, 2, 2\) differs"):  # would broadcast to batch 2
+        noised_start(x, schedule, 999, torch.zeros(2, 4, 2, 2))

@@ -499,7 +499,7 @@ def test_lrm_folder_round_trip_and_a_config_that_does_not_match_its_weights(tmp_
     (folder / "config.json").write_text(good)
 
 
-def test_lrm_pretraining_learns_the_experts_score_matrix(tmp_path):
+def test_lrm_pretraining_learns_the_experts_score_matrix(tmp_path, capsys):
     """Pre-training on data: on a batch it did not train on, the proxy's listwise loss against toy-clip halves and
     its agreement on the better latent for each caption rises (slowly); the student is untouched and the online learning
     rate is back afterwards."""
@@ -533,8 +533,10 @@ def test_lrm_pretraining_learns_the_experts_score_matrix(tmp_path):
         yield from real_batches(rank, start, count_skipped=count_skipped)
 
     task.batches, task.skipped = batches, 5
+    capsys.readouterr()
     task._start_lrm(task.student)
     assert task.skipped == 5  # the loop reads (and counts) those batches itself
+    assert "LRM pre-training" not in capsys.readouterr().err  # no bar: the run has train.progress=false
     end = loss_and_agreement()
     assert end[0] < 0.5 * start[0] and end[1] > start[1] + 0.03, (start, end)  # measured: 0.529 -> 0.607
     assert all(torch.equal(p, student_before[n]) for n, p in task.student.named_parameters())

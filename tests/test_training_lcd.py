@@ -428,7 +428,7 @@ def test_training_script_prints_user_errors_in_one_line():
                            str(REPO / "configs/toy/lcd.yaml"), "train.bogus=1"], capture_output=True, text=True,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: unknown config key train.'bogus'")
+    assert proc.stderr.startswith("error: unknown config key 'train.bogus'")
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path, capsys):

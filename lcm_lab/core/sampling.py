@@ -124,6 +124,8 @@ def noised_start(
         t_start (`int` or `torch.LongTensor`): one timestep or ``[B]`` timesteps.
         noise (`torch.Tensor`): standard normal noise of the same shape (e.g. from :func:`~lcm_lab.core.noise.randn`).
     """
+    if noise.shape != latents_clean.shape:  # broadcasting would silently give a wrong batch
+        raise ValueError(f"noise shape {tuple(noise.shape)} differs from the latents' {tuple(latents_clean.shape)}")
     return schedule.add_noise(latents_clean, noise, t_start)
 
 

@@ -22,63 +22,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..arg_types import device_arg, int_list, non_negative_int, positive_int, seed_arg, str_list
+
 SAMPLERS = ("ddim", "lcm", "tcd")
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _int_in(low: int, high: int | None, what: str):
-    """An argparse ``type``: an integer in [low, high) (no upper bound for ``high=None``)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value >= high):
-            raise argparse.ArgumentTypeError(f"{what}, got {value}")
-        return value
-    return parse
-
-
-seed_arg = _int_in(0, 2**63, "a seed must be in [0, 2**63)")
-positive_int = _int_in(1, None, "expected a positive integer")
-non_negative_int = _int_in(0, None, "expected an integer >= 0")
-
-
-def device_arg(text: str) -> str:
-    """An argparse ``type``: a torch device string this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
-    import torch
-
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA GPU on this machine; use cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine; use cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"device type {device.type!r} is not supported; use cpu, cuda or mps")
-    return text
-
-
-def _str_list(text: str) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("expected a comma-separated list")
-    return values
 
 
 def _metric_list(text: str) -> list[str]:
@@ -92,7 +40,7 @@ def _metric_list(text: str) -> list[str]:
 
 
 def _sampler_list(text: str) -> list[str]:
-    values = _str_list(text)
+    values = str_list(text)
     bad = [v for v in values if v not in SAMPLERS]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown sampler(s) {bad}; choose from {list(SAMPLERS)}")
@@ -166,7 +114,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="diffusers pipeline folder (default: the embedded toy teacher)")
     p.add_argument("--name", default=None, help="the model column of the table (default: the folder)")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    p.add_argument("--steps", type=_int_list, default=None,
+    p.add_argument("--steps", type=int_list, default=None,
                    help="comma-separated step counts, e.g. 1,2,4 (default: 50 for ddim, 4 for lcm/tcd)")
     p.add_argument("--out", default="outputs/eval", help="output folder")
     _add_generation_args(p)
@@ -217,10 +165,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="bench_command", required=True)
 
     q = sub.add_parser("quality", help="metrics over models x samplers x steps; results.json/md and plots")
-    q.add_argument("--models", type=_str_list, default=None,
+    q.add_argument("--models", type=str_list, default=None,
                    help="comma-separated pipeline folders (default: the embedded toy teacher)")
     q.add_argument("--samplers", type=_sampler_list, default=["ddim", "lcm"])
-    q.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8])
+    q.add_argument("--steps", type=int_list, default=[1, 2, 4, 8])
     q.add_argument("--out", default="outputs/bench/quality")
     _add_generation_args(q)
     _add_metric_args(q)

@@ -79,7 +79,7 @@ def _field_types(cls) -> dict[str, Any]:
 def _unknown(key: str, valid: Sequence[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(valid), n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return ConfigError(f"unknown config key {where}{key!r}.{hint} Valid keys here: {', '.join(sorted(valid))}.")
+    return ConfigError(f"unknown config key '{where}{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}.")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -261,6 +261,12 @@ class LCDTask:
         self.skipped_total, self.truncated_total = self.accelerator.reduce(local, reduction="sum").tolist()
         return {"skipped_images": float(self.skipped_total), "truncated_captions": float(self.truncated_total)}
 
+    def summary(self) -> str:
+        # Also logged every log_every steps; said once here, where a run without trackers shows it too.
+        counts = {"skipped images": int(self.skipped_total), "truncated captions": int(self.truncated_total)}
+        said = [f"{k}: {v}" for k, v in counts.items() if v]
+        return "data: " + ", ".join(said) + " (all processes)" if said else ""
+
     def extra_state(self) -> dict:
         state = {"counters": {"skipped_images": torch.tensor(self.skipped_total),
                               "truncated_captions": torch.tensor(self.truncated_total)}}

@@ -132,8 +132,9 @@ class RGLCDTask(LCDTask):
             return
         batches = self._pretrain_batches()
         try:
-            logs = pretrain_lrm(self.lrm_trainer, batches, rcfg.lrm_pretrain_steps,
-                                lr=rcfg.lrm_pretrain_lr, progress=self.accelerator.is_local_main_process)
+            show = self.config.train.progress and self.accelerator.is_local_main_process
+            logs = pretrain_lrm(self.lrm_trainer, batches, rcfg.lrm_pretrain_steps, lr=rcfg.lrm_pretrain_lr,
+                                progress=show)
         finally:
             batches.close()  # its data loader's workers stop now, not at the end of the run
         tail = logs[-min(len(logs), 20):]

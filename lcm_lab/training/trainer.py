@@ -130,6 +130,10 @@ class Task(Protocol):
     def export(self, out_dir: Path) -> None:
         """Write the final model(s) in a stock format."""
 
+    def summary(self) -> str:
+        """A line said once at the end of the run (e.g. what the data skipped), or ``""``; every process
+        calls it after the last :meth:`after_step`."""
+
 
 def apply_channels_last(mode: str, student: torch.nn.Module, *frozen: torch.nn.Module | None) -> None:
     """Store 4-D (conv) weights channels-last as ``LoopConfig.channels_last`` says: the ``frozen`` nets
@@ -349,10 +353,9 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
         if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_steps):
             _validate(accelerator, task, out, done)
 
-    counts = {k: int(v) for k, v in sums.items() if k in ("skipped_images", "truncated_captions") and v}
-    if counts:  # also logged every log_every steps; said once here, where a run without trackers shows it too
-        accelerator.print("data: " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items())
-                          + " (all processes)")
+    summary = task.summary()
+    if summary:
+        accelerator.print(summary)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         task.export(out / "final")
