@@ -11,6 +11,7 @@ MAX_SEED = 2**63
 
 
 def int_list(text: str) -> list[int]:
+    """Comma-separated positive integers, e.g. ``--steps 1,2,4``."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -58,6 +59,7 @@ def device_arg(text: str) -> str:
 
 
 def str_list(text: str) -> list[str]:
+    """A non-empty comma-separated list of names (blanks dropped)."""
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values:
         raise argparse.ArgumentTypeError("expected a comma-separated list")

@@ -25,6 +25,7 @@ from .training import METHODS, USER_ERRORS  # noqa: E402  (lazy loaders: imports
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    """``lcm-lab sample``: prompts -> one image or a grid (.png, .jpg, .webp, ...) with any sampler."""
     from .generation import check_sampling, generate, resolve_steps
     from .imaging import check_output_image, load_images, save_grid
     from .models.sd import load_ldm
@@ -56,6 +57,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``lcm-lab demo``: distill the toy teacher with LCD, evaluate it against the teacher, write the report."""
     from .demo import run_demo
 
     report = run_demo(Path(args.out), num_samples=args.num_samples, overrides=args.overrides,
@@ -67,6 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``lcm-lab train METHOD``: run (or print/explain) a method's config file plus overrides."""
     from .training import METHODS, load_method_config, run
     from .training.config import config_to_dict, help_text
 
@@ -85,6 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lcm-lab`` parser with every sub-command (cheap: nothing heavy is imported)."""
     parser = argparse.ArgumentParser(prog="lcm-lab", description="Few-step image generation with latent consistency models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -124,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lcm-lab`` command; returns the exit code."""
     parser = build_parser()
     # `train` takes key=value overrides anywhere on the line (argparse stops collecting positionals
     # at the first option, so the ones after --config arrive as "unknown").

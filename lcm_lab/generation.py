@@ -23,14 +23,10 @@ from .core.sampling import SAMPLERS, noised_start, timesteps_for
 from .core.schedules import NoiseSchedule
 from .imaging import check_finite
 from .models.sd import LDMParts
+from .models.student import is_w_conditioned
 from .core.conditioning import Conditioning
 
 DEFAULT_STEPS = {"ddim": 50, "lcm": 4, "tcd": 4}
-
-
-def is_w_conditioned(unet) -> bool:
-    """True for LCM students that take the guidance scale as an embedding (no CFG at sampling)."""
-    return getattr(unet.config, "time_cond_proj_dim", None) is not None
 
 
 def as_seeds(seeds: Sequence) -> list[int]:

@@ -59,7 +59,7 @@ Scalar = torch.Tensor | float
 
 
 # --------------------------------------------------------------------------------------
-# single-step updates shared with training code
+# single-step updates shared with the objectives (the LCD teacher solver)
 # --------------------------------------------------------------------------------------
 
 

@@ -48,7 +48,7 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 # --------------------------------------------------------------------------------------
-# argument checks shared by this module (and re-used by sampling.py)
+# argument checks shared by this module (and re-used by parameterization.py)
 # --------------------------------------------------------------------------------------
 
 
@@ -369,8 +369,8 @@ def _distilled_origin(num_train_timesteps: int, original_inference_steps: int, s
     LCM (Luo et al. 2023, sec. 4.3) distils on ``N`` = ``original_inference_steps`` evenly skipped
     timesteps; img2img with ``strength`` keeps only its lowest ``int(N * strength)`` entries.
     """
-    k = num_train_timesteps // original_inference_steps
-    return np.arange(1, int(original_inference_steps * strength) + 1) * k - 1
+    return ddim_solver_timesteps(num_train_timesteps, original_inference_steps)[
+        : int(original_inference_steps * strength)].numpy()
 
 
 def _pick_evenly(origin_ascending: np.ndarray, num_inference_steps: int, strength: float, steps_name: str) -> torch.Tensor:

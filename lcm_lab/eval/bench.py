@@ -283,17 +283,18 @@ class PeakMemory:
         if self.kind == "rss_high_water_mark":
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-        self.baseline_mb = self._status_mb("VmRSS") or process_peak_rss_mb()
+        try:
+            self.baseline_mb = self._status_mb("VmRSS")
+        except OSError:  # no /proc (macOS): the process's peak so far
+            self.baseline_mb = process_peak_rss_mb()
 
     @staticmethod
-    def _status_mb(field: str) -> float | None:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return None
+    def _status_mb(field: str) -> float:
+        """A memory field of ``/proc/self/status`` in MiB; ``OSError`` when there is none."""
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+        raise OSError(f"/proc/self/status has no {field} line")
 
     def peak_mb(self) -> float:
         """Peak memory (MiB) since :meth:`reset`; weights and everything else resident included."""
@@ -322,7 +323,7 @@ def diffusers_pipeline(ldm, sampler: str):
     from diffusers import (DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline,
                            TCDScheduler)
 
-    from ..generation import is_w_conditioned
+    from ..models.student import is_w_conditioned
 
     schedulers = {"ddim": DDIMScheduler, "lcm": LCMScheduler, "tcd": TCDScheduler}
     if sampler not in schedulers:

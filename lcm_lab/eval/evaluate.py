@@ -57,14 +57,12 @@ BASE_KEYS = ("model", "sampler", "steps", "guidance", "num_samples", "seed", "pr
 
 
 def _cell(value) -> str:
-    from .toy import format_number
-
     if value is None:
         return ""
     if isinstance(value, bool):
         return str(value)
-    if isinstance(value, float):
-        return format_number(value)
+    if isinstance(value, float):  # 3 significant digits below 100, one decimal above
+        return "nan" if math.isnan(value) else f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
     return str(value).replace("|", "\\|")
 
 
@@ -449,12 +447,12 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
             without generating anything.
 
     Returns:
-        ``{model, sampler, steps, guidance, num_samples, seed, prompt_set, <metrics>..., sec_per_image}``
-        (+ ``images_dir`` when images are saved).
+        ``{model, sampler, steps, guidance, num_samples, seed, prompt_set, <metrics>..., metric_sources,
+        sec_per_image}`` (+ ``gamma`` for TCD, ``images_dir`` when images are saved).
     """
     from ..generation import as_seeds, check_sampling, generate, sampling_grid
     from ..imaging import save_grid
-    from ..models.sd import LatentDiffusionModel, load_ldm
+    from ..models.sd import LatentDiffusionModel, check_prompts, load_ldm
 
     if guidance is None:
         from ..toy import TEACHER_GUIDANCE
@@ -478,12 +476,9 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         raise ValueError(f"num_samples must be >= 1, got {n}")
     prompts = [pset[i % len(pset)][0] for i in range(n)]
     metadata = [pset[i % len(pset)][1] for i in range(n)]
-    if not truncate:  # fail before generating anything, not in the middle of the run
-        limit, unique = ldm.tokenizer.model_max_length, sorted(set(prompts))
-        long = [p for p, ids in zip(unique, ldm.tokenizer(unique).input_ids) if len(ids) > limit]
-        if long:
-            raise ValueError(f"{len(long)} prompt(s) of {pset.name} exceed the model's {limit} tokens "
-                             f"(e.g. {long[0][:80]!r}); shorten them or pass truncate=True (--truncate)")
+    # fail before generating anything, not in the middle of the run
+    check_prompts(ldm.tokenizer, sorted(set(prompts)), truncate=truncate,
+                  fix=f"Shorten the prompts of {pset.name} or pass truncate=True (--truncate).")
     if not isinstance(seeds, Sequence) and getattr(seeds, "ndim", None) != 1:  # one base seed (int, numpy, 0-d)
         seed_list = [as_seeds([seeds])[0] + i for i in range(n)]
     else:
@@ -539,8 +534,8 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         try:
             gen_seconds = run(tmp)
             new = {file.name for file in tmp.iterdir()}
-            for name in sorted(new):
-                os.replace(tmp / name, out_dir / name)
+            for file_name in sorted(new):
+                os.replace(tmp / file_name, out_dir / file_name)
             for earlier in out_dir.glob("*.png"):  # an earlier, larger run's extra images would mix with these
                 if earlier.name not in new and earlier.stem.isdigit() and len(earlier.stem) >= 5:
                     earlier.unlink()

@@ -22,6 +22,7 @@ class FeatureStats:
     outer: torch.Tensor | None = None
 
     def update(self, features: torch.Tensor) -> None:
+        """Add a batch of features ``(N, ...)`` (flattened per sample, accumulated in float64)."""
         f = features.detach().to(torch.float64).reshape(len(features), -1)
         if self.total is None:
             self.total = torch.zeros(f.shape[1], dtype=torch.float64)
@@ -32,11 +33,13 @@ class FeatureStats:
 
     @classmethod
     def of(cls, features: torch.Tensor) -> "FeatureStats":
+        """The statistics of one tensor of features."""
         stats = cls()
         stats.update(features)
         return stats
 
     def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and unbiased covariance (float64) of everything added so far."""
         if self.num < 2:
             raise ValueError(f"need at least 2 samples for a covariance, got {self.num}")
         mu = self.total / self.num

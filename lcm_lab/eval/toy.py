@@ -10,7 +10,6 @@ error (reconstructions vs real images).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +28,12 @@ PROMPT_START = 100_000
 
 
 def toy_judge_dir() -> Path:
+    """The embedded attribute judge's folder (assets/toy/judge)."""
     return assets_dir() / "toy" / "judge"
 
 
 def load_judge(path=None) -> AttributeJudge:
+    """The toy attribute judge from ``path`` (default: the embedded one)."""
     return AttributeJudge.from_pretrained(path or toy_judge_dir())
 
 
@@ -53,6 +54,7 @@ def real_images(n: int, start: int = 0, split: str = "eval") -> tuple[torch.Tens
 
 @torch.no_grad()
 def judge_features(judge: AttributeJudge, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The judge's penultimate features of images (N, 3, 32, 32) in [0, 1]: the space of the toy FD."""
     return torch.cat([judge.features(chunk) for chunk in images.split(batch_size)])
 
 
@@ -137,6 +139,3 @@ def toy_metrics(judge: AttributeJudge, reference: ToyReference, images: torch.Te
     out.update(prompt_accuracy(judge, images, attributes))
     return out
 
-
-def format_number(x: float) -> str:
-    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}" if abs(x) < 100 else f"{x:.1f}"

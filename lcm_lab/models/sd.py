@@ -29,6 +29,7 @@ def assets_dir() -> Path:
 
 
 def toy_teacher_dir() -> Path:
+    """The embedded toy teacher's diffusers folder (assets/toy/teacher)."""
     return assets_dir() / "toy" / "teacher"
 
 

@@ -47,6 +47,11 @@ Names are matched as module-name suffixes (peft: ``name == t`` or ``name.endswit
 _COND_PROJ_KEY = "time_embedding.cond_proj.weight"
 
 
+def is_w_conditioned(unet) -> bool:
+    """True for LCM students that take the guidance scale as an embedding (no CFG at sampling)."""
+    return getattr(unet.config, "time_cond_proj_dim", None) is not None
+
+
 def make_w_student(teacher_unet, w_embedding_dim: int = 256):
     """A w-conditioned LCM student initialised from a teacher UNet.
 
@@ -173,7 +178,7 @@ def add_lora(
 
 
 def lora_parameters(unet) -> list[torch.nn.Parameter]:
-    """The LoRA parameters of a UNet prepared by :func:`add_lora` (what the optimiser should see)."""
+    """The LoRA parameters of a UNet prepared by :func:`add_lora` (the only ones it leaves trainable)."""
     return [p for n, p in unet.named_parameters() if ".lora_" in n]
 
 

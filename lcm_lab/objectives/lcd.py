@@ -31,13 +31,13 @@ import torch.nn.functional as F
 
 from ..core.parameterization import (
     consistency_output,
-    from_x0_eps,
     guidance_scale_embedding,
     lcm_boundary_scalings,
     to_eps,
     to_x0,
 )
 from ..core.conditioning import Conditioning
+from ..core.sampling import ddim_step
 from ..core.schedules import NoiseSchedule, ddim_solver_timesteps, previous_solver_timestep
 
 __all__ = ["LCDConfig", "LCDLoss", "consistency_loss"]
@@ -168,10 +168,12 @@ class LCDLoss:
         x0_c, x0_u = to_x0(out, x2, alpha, sigma, self.schedule.prediction_type).chunk(2)
         eps_c, eps_u = to_eps(out, x2, alpha, sigma, self.schedule.prediction_type).chunk(2)
         w = w.view(-1, 1, 1, 1)
-        x0 = x0_c + w * (x0_c - x0_u)      # LCM-form CFG (LCM eq. 9)
+        # LCM-form CFG (LCM eq. 9) in the reference script's arithmetic; cfg_combine(u, c, 1 + w) equals it up to
+        # float rounding, which would shift the recorded demo figures in their last digit.
+        x0 = x0_c + w * (x0_c - x0_u)
         eps = eps_c + w * (eps_c - eps_u)
         alpha_s, sigma_s = self.schedule.alpha_sigma(s)
-        return from_x0_eps(x0, eps, alpha_s, sigma_s)  # DDIM, eta = 0
+        return ddim_step(x0, eps, alpha_s, sigma_s)  # eta = 0
 
     def sample_inputs(self, latents: torch.Tensor, generator: torch.Generator | None = None):
         """Draw ``(t, s, noise, w)`` for a batch: the only randomness of a step."""

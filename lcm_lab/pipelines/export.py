@@ -38,6 +38,7 @@ import os
 from pathlib import Path
 
 from ..files import write_folder_atomically
+from ..models.student import is_w_conditioned
 
 __all__ = ["export_lcm_pipeline", "export_lcm_sdxl_pipeline", "export_lora"]
 
@@ -57,7 +58,7 @@ def _check_student_unets(unet, target_unet, pipeline_name: str, plain_pipeline_n
                 f"`{name}` carries peft adapters; export the adapter with export_lora, or fuse and unload it "
                 "(`unet.fuse_lora(); unet.unload_lora()`) first."
             )
-    if getattr(unet.config, "time_cond_proj_dim", None) is None:
+    if not is_w_conditioned(unet):
         raise ValueError(
             f"{pipeline_name} needs a w-conditioned UNet (config.time_cond_proj_dim set; see "
             "lcm_lab.models.student.make_w_student). A student without w-embedding is used with a stock "

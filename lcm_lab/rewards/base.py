@@ -231,6 +231,8 @@ class RewardModel(torch.nn.Module):
         return scores.reshape(images.shape[0]).float().to(images.device)
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        """The model's raw scores of checked inputs (each subclass implements it); call the module instead,
+        which checks ``images``/``prompts`` first and returns float32 ``(B,)``."""
         raise NotImplementedError
 
     def score_matrix(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

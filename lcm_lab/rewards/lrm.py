@@ -150,9 +150,11 @@ class LatentRewardModel(nn.Module):
         return cls(text_dim, latent_channels, **size)
 
     def encode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings ``[B, E]`` of scaled latents ``[B, C, h, w]`` (float32)."""
         return F.normalize(float32_head(self.image_tower, latents), dim=-1)
 
     def encode_text(self, text_states: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings ``[B, E]`` of the text encoder's states ``[B, L, D]`` (float32)."""
         return F.normalize(float32_head(self.text_tower, text_states), dim=-1)
 
     def forward(self, latents: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,7 @@ class AttributeJudge(nn.Module):
         return self.proj(self.trunk(images * 2 - 1))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of each attribute head: ``{attribute: (B, num_values)}``."""
         feats = self.features(images)
         return {k: head(feats) for k, head in self.heads.items()}
 
@@ -66,6 +67,7 @@ class AttributeJudge(nn.Module):
         return torch.stack([logits[k].argmax(-1) for k in ATTRIBUTE_NAMES], dim=1)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``config.json`` and safetensors weights into the folder ``path``."""
         from safetensors.torch import save_file
 
         out = Path(path)
@@ -75,6 +77,7 @@ class AttributeJudge(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "AttributeJudge":
+        """Load a folder written by :meth:`save_pretrained`; missing files name the rebuild command."""
         from safetensors.torch import load_file
 
         folder = Path(path)

@@ -81,24 +81,28 @@ REWARD_PREPROCESS_CONFIG = {
 
 
 def build_vae():
+    """The toy VAE architecture (random weights)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(**VAE_CONFIG)
 
 
 def build_unet():
+    """The toy teacher UNet architecture (random weights)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**UNET_CONFIG)
 
 
 def build_text_encoder():
+    """The toy CLIP text encoder architecture (random weights)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
 
 
 def build_scheduler():
+    """The toy teacher's DDIM noise schedule."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(**SCHEDULER_CONFIG)

@@ -52,6 +52,8 @@ class EMA:
         return {"decay": self.decay, "shadow": {n: p.detach() for n, p in zip(self.names, self._shadow)}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Copy a :meth:`state_dict`'s shadow tensors in (every parameter must be there; the decay stays this
+        object's, the run's config)."""
         shadow = state["shadow"]
         missing = set(self.names) - set(shadow)
         if missing:

@@ -144,7 +144,9 @@ class LCDTask:
     def setup(self, accelerator, channels_last: str = "frozen") -> None:
         self.accelerator = accelerator
         device = accelerator.device
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        # The frozen nets' dtype: accelerate's mixed precision (the trained weights stay float32).
+        self.frozen_dtype = dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
+                                                                                       torch.float32)
         text_encoders = self.ldm.text.text_encoders if self.sdxl else (self.ldm.text_encoder,)
         for net in (self.ldm.unet, self.ldm.vae, *text_encoders):
             # dtype only when it changes: diffusers warns on any .to(dtype=...) of a loaded model

@@ -87,8 +87,7 @@ class RGLCDTask(LCDTask):
         super().setup(accelerator, channels_last)
         rcfg = self.config.reward
         device = accelerator.device
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-        self.expert = build_expert(rcfg, device=device, dtype=dtype)
+        self.expert = build_expert(rcfg, device=device, dtype=self.frozen_dtype)
         codec = self.ldm.codec
         if self.lrm is not None:
             self.lrm.to(device)
