@@ -24,7 +24,6 @@ from .core.schedules import NoiseSchedule
 from .imaging import check_finite
 from .models.sd import LDMParts
 from .models.student import is_w_conditioned
-from .core.conditioning import Conditioning
 
 DEFAULT_STEPS = {"ddim": 50, "lcm": 4, "tcd": 4}
 
@@ -224,8 +223,8 @@ def generate(
                 w = torch.full((len(cond),), guidance_scale - 1.0, device=device)
                 timestep_cond = guidance_scale_embedding(w, model.unet.config.time_cond_proj_dim).to(dtype)
             elif guidance_scale > 1:  # diffusers' do_classifier_free_guidance
-                uncond = _cast(model.unconditional(cond), device, dtype)
-            cond = _cast(cond, device, dtype)
+                uncond = model.unconditional(cond).to(device, dtype)
+            cond = cond.to(device, dtype)
             net = UNetModel(model.unet, cond.encoder_hidden_states, guidance_scale=1.0 if w_cond else guidance_scale,
                             timestep_cond=timestep_cond, added_cond_kwargs=cond.added_cond_kwargs,
                             uncond=None if uncond is None else uncond.encoder_hidden_states,
@@ -238,13 +237,6 @@ def generate(
             raise FloatingPointError(f"{sampler}-{steps} produced non-finite {output} for seeds "
                                      f"{seeds[0]}..{seeds[-1]}; the model or its precision is broken")
     return images_out.clone()  # an ordinary tensor again, usable outside inference mode
-
-
-def _cast(cond: Conditioning, device: torch.device, dtype: torch.dtype) -> Conditioning:
-    """``cond`` on the UNet's device and in its dtype (e.g. fp16 text embeddings for an fp32 student)."""
-    added = cond.added_cond_kwargs
-    return Conditioning(cond.encoder_hidden_states.to(device, dtype),
-                        None if added is None else {k: v.to(device, dtype) for k, v in added.items()})
 
 
 def timed_generate(model: LDMParts, prompts, seeds, **kwargs) -> tuple[torch.Tensor, float]:

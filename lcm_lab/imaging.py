@@ -40,6 +40,10 @@ def check_finite(images: torch.Tensor, what: str = "images (the model's outputs)
         raise ValueError(f"{what} hold NaN or inf values")
 
 
+# Image files the readers take: evaluation's reference folders and webdataset shards' members.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) floats in [0, 1] -> uint8 (N, H, W, 3)."""
     return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

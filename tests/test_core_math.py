@@ -184,7 +184,8 @@ class RecordingUNet(torch.nn.Module):
 
     def forward(self, x, t, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None,
                 cross_attention_kwargs=None, return_dict=True):
-        self.calls.append(dict(batch=x.shape[0], t=t, timestep_cond=timestep_cond, added=added_cond_kwargs))
+        self.calls.append(dict(batch=x.shape[0], t=t, timestep_cond=timestep_cond, added=added_cond_kwargs,
+                               encoder_hidden_states=encoder_hidden_states))
         out = x * 0.5 + encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1) * 1e-3
         if timestep_cond is not None:
             out = out + timestep_cond.mean(dim=1).view(-1, 1, 1, 1)
@@ -233,6 +234,17 @@ def test_unet_model_conditioning_passthrough():
     UNetModel(unet, cond, uncond=uncond, guidance_scale=1.0, added_cond_kwargs=added)(x, t)  # no CFG: fine
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         UNetModel(unet, torch.randn(3, 5, 8))(x, t)
+    with pytest.raises(ValueError, match=r"added_cond_kwargs\['time_ids'\]. has batch 3"):
+        UNetModel(unet, cond, added_cond_kwargs={**added, "time_ids": torch.randn(3, 6)})(x, t)
+    with pytest.raises(ValueError, match="different added_cond_kwargs keys"):
+        UNetModel(unet, cond, uncond=uncond, guidance_scale=3.0, added_cond_kwargs=added,
+                  uncond_added_cond_kwargs={"text_embeds": u_added["text_embeds"]})(x, t)
+    # batch-1 unconditional conditioning is broadcast, as a pipeline's single negative prompt
+    UNetModel(unet, cond, uncond=uncond[:1], guidance_scale=3.0, added_cond_kwargs=added,
+              uncond_added_cond_kwargs={k: v[:1] for k, v in u_added.items()})(x, t)
+    call = unet.calls[-1]
+    assert torch.equal(call["added"]["time_ids"][:B], u_added["time_ids"][:1].expand(B, 6))
+    assert torch.equal(call["encoder_hidden_states"][:B], uncond[:1].expand(B, 5, 8))
 
 
 def test_unet_model_per_sample_guidance():

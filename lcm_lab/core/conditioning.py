@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Conditioning"]
+__all__ = ["Conditioning", "match_batch"]
 
 
 @dataclass
@@ -20,11 +20,18 @@ class Conditioning:
         return self.encoder_hidden_states.shape[0]
 
     def expand(self, batch: int) -> "Conditioning":
-        """Broadcast a batch-1 conditioning (e.g. the unconditional one) to ``batch`` rows."""
-        def grow(x):
-            return x if x.shape[0] == batch else x.expand(batch, *x.shape[1:])
-        added = None if self.added_cond_kwargs is None else {k: grow(v) for k, v in self.added_cond_kwargs.items()}
-        return Conditioning(grow(self.encoder_hidden_states), added)
+        """Broadcast a batch-1 conditioning (e.g. the unconditional one) to ``batch`` rows; one of ``batch``
+        rows is returned as it is, any other batch is a ``ValueError``."""
+        added = self.added_cond_kwargs
+        return Conditioning(match_batch("encoder_hidden_states", self.encoder_hidden_states, batch),
+                            None if added is None else
+                            {k: match_batch(f"added_cond_kwargs[{k!r}]", v, batch) for k, v in added.items()})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Conditioning":
+        """Every tensor moved to ``device`` and/or cast to ``dtype`` (e.g. the frozen UNet's half precision)."""
+        added = self.added_cond_kwargs
+        return Conditioning(self.encoder_hidden_states.to(device, dtype),
+                            None if added is None else {k: v.to(device, dtype) for k, v in added.items()})
 
     @staticmethod
     def cat(a: "Conditioning", b: "Conditioning") -> "Conditioning":
@@ -37,3 +44,14 @@ class Conditioning:
         if a_keys:
             added = {k: torch.cat([v, b.added_cond_kwargs[k]]) for k, v in a.added_cond_kwargs.items()}
         return Conditioning(torch.cat([a.encoder_hidden_states, b.encoder_hidden_states]), added)
+
+
+def match_batch(name: str, value: torch.Tensor, batch: int) -> torch.Tensor:
+    """``value`` with ``batch`` rows: returned as it is, or expanded (no copy) from one row; any other batch
+    raises a ``ValueError`` naming ``name`` (broadcasting would otherwise fail deep inside the UNet, or not at
+    all)."""
+    if value.shape[0] == batch:
+        return value
+    if value.shape[0] == 1:
+        return value.expand(batch, *value.shape[1:])
+    raise ValueError(f"`{name}` has batch {value.shape[0]} but the latents have batch {batch} (expected {batch} or 1).")

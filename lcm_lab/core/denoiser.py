@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .conditioning import Conditioning, match_batch
+
 __all__ = ["ModelFn", "cfg_combine", "UNetModel"]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -31,27 +33,6 @@ def cfg_combine(out_uncond: torch.Tensor, out_cond: torch.Tensor, guidance_scale
         guidance_scale (`float` or `torch.Tensor` broadcastable to the outputs, e.g. ``[B, 1, 1, 1]``).
     """
     return out_uncond + guidance_scale * (out_cond - out_uncond)
-
-
-def _match_batch(name: str, value: torch.Tensor, batch: int) -> torch.Tensor:
-    """Expand a batch-1 conditioning tensor to ``batch`` rows; reject any other mismatch."""
-    if value.shape[0] == batch:
-        return value
-    if value.shape[0] == 1:
-        return value.expand(batch, *value.shape[1:])
-    raise ValueError(f"`{name}` has batch {value.shape[0]} but the latents have batch {batch} (expected {batch} or 1).")
-
-
-def _match_batch_dict(name: str, values: Mapping[str, torch.Tensor] | None, batch: int) -> dict[str, torch.Tensor] | None:
-    if values is None:
-        return None
-    return {k: _match_batch(f"{name}[{k!r}]", v, batch) for k, v in values.items()}
-
-
-def _cat_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if a.keys() != b.keys():
-        raise ValueError(f"uncond_added_cond_kwargs keys {sorted(a)} differ from added_cond_kwargs keys {sorted(b)}.")
-    return {k: torch.cat([a[k], b[k]]) for k in b}
 
 
 class UNetModel:
@@ -119,13 +100,13 @@ class UNetModel:
         """Whether calls run the batched guided forward (``uncond`` given and ``guidance_scale != 1``)."""
         return self.uncond is not None and bool(torch.as_tensor(self.guidance_scale).ne(1).any())
 
-    def _forward(self, x, t, cond, timestep_cond, added_cond_kwargs):
+    def _forward(self, x, t, cond: Conditioning, timestep_cond):
         return self.unet(
             x,
             t,
-            encoder_hidden_states=cond,
+            encoder_hidden_states=cond.encoder_hidden_states,
             timestep_cond=timestep_cond,
-            added_cond_kwargs=added_cond_kwargs,
+            added_cond_kwargs=cond.added_cond_kwargs,
             cross_attention_kwargs=self.cross_attention_kwargs,
             return_dict=False,
         )[0]
@@ -134,23 +115,18 @@ class UNetModel:
         """Raw network output for latents ``x_t [B, C, H, W]`` at timesteps ``t`` (LongTensor ``[B]`` or scalar)."""
         batch = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device)
-        t = t.expand(batch) if t.ndim == 0 else _match_batch("t", t, batch)
-        cond = _match_batch("encoder_hidden_states", self.encoder_hidden_states, batch)
-        tcond = None if self.timestep_cond is None else _match_batch("timestep_cond", self.timestep_cond, batch)
-        added = _match_batch_dict("added_cond_kwargs", self.added_cond_kwargs, batch)
+        t = t.expand(batch) if t.ndim == 0 else match_batch("t", t, batch)
+        tcond = None if self.timestep_cond is None else match_batch("timestep_cond", self.timestep_cond, batch)
+        cond = Conditioning(self.encoder_hidden_states, self.added_cond_kwargs).expand(batch)
         if not self.do_cfg:
-            return self._forward(x_t, t, cond, tcond, added)
+            return self._forward(x_t, t, cond, tcond)
 
-        uncond = _match_batch("uncond", self.uncond, batch)
-        if added is not None:
-            added = _cat_dicts(_match_batch_dict("uncond_added_cond_kwargs", self.uncond_added_cond_kwargs, batch),
-                               added)
+        uncond = Conditioning(self.uncond, self.uncond_added_cond_kwargs if cond.added_cond_kwargs else None)
         out = self._forward(
             torch.cat([x_t, x_t]),
             torch.cat([t, t]),
-            torch.cat([uncond, cond]),
+            Conditioning.cat(uncond.expand(batch), cond),
             None if tcond is None else torch.cat([tcond, tcond]),
-            added,
         )
         out_uncond, out_cond = out.chunk(2)
         return cfg_combine(out_uncond, out_cond, self.guidance_scale)

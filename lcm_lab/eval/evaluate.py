@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..files import atomic_write_text
-from ..imaging import to_rgb
+from ..imaging import IMAGE_EXTENSIONS, to_rgb
 from ..rewards import RewardModel
 from .clip_metrics import ScoreMean, load_clip_metric, load_hps_metric, reward_scores
 from .frechet import FeatureStats, fd_between
@@ -49,7 +49,6 @@ from .prompts import CLIP_CONTEXT, PromptSet, load_prompt_set
 
 METRICS = ("fd", "accuracy", "clip", "fid", "kid", "hpsv2")
 TOY_METRICS = ("fd", "accuracy", "clip")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BASE_KEYS = ("model", "sampler", "steps", "guidance", "num_samples", "seed", "prompt_set")
 
 

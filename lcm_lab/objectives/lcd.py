@@ -158,10 +158,7 @@ class LCDLoss:
                      w: torch.Tensor) -> torch.Tensor:
         """One guided DDIM step of the teacher from ``t`` to ``s`` (cond and uncond in one forward)."""
         dtype = next(self.teacher.parameters()).dtype
-        both = Conditioning.cat(cond, self.uncond_for(cond))
-        both = Conditioning(both.encoder_hidden_states.to(dtype),
-                            None if both.added_cond_kwargs is None
-                            else {k: v.to(dtype) for k, v in both.added_cond_kwargs.items()})
+        both = Conditioning.cat(cond, self.uncond_for(cond)).to(dtype=dtype)
         out = _unet(self.teacher, torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), both).float()
         alpha, sigma = self.schedule.alpha_sigma(torch.cat([t, t]))
         x2 = torch.cat([x_t, x_t]).float()

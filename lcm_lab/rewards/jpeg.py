@@ -14,7 +14,7 @@ import io
 import numpy as np
 import torch
 
-from ..imaging import check_finite
+from ..imaging import check_finite, to_uint8
 from .base import RewardModel, register
 
 JPEG_QUALITY = 95
@@ -24,10 +24,8 @@ def jpeg_sizes_kb(images: torch.Tensor, quality: int = JPEG_QUALITY) -> torch.Te
     """JPEG file size in kB (1000 bytes) of every image of a ``(B, 3, H, W)`` batch in ``[0, 1]``."""
     from PIL import Image
 
-    images = images.detach().float()
     check_finite(images)
-    pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)
-    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+    pixels = to_uint8(images)
     sizes = []
     for image in pixels:
         buffer = io.BytesIO()

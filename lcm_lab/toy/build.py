@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..core.schedules import NoiseSchedule
 from ..files import atomic_write, atomic_write_text, read_json_object, write_folder_atomically
+from ..imaging import to_uint8
 from . import models
 from .judge import AttributeJudge
 from .tokenizer import load_clip_tokenizer, write_clip_tokenizer
@@ -286,7 +287,7 @@ def encode_latents(cfg: BuildConfig, data: dict, vae_dir: Path) -> dict:
                 stds.append(dist.std)
                 if start < cfg.num_recon_images:
                     rec = vae.decode(dist.mean[:cfg.num_recon_images - start]).sample  # exactly the first N
-                    recons.append(((rec / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+                    recons.append(torch.from_numpy(to_uint8(rec / 2 + 0.5)))
         _save_atomic({"mean": torch.cat(means), "std": torch.cat(stds), "recon": torch.cat(recons)}, path)
     return torch.load(path, weights_only=True)
 

@@ -26,10 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..files import atomic_write
-from ..imaging import to_rgb
+from ..imaging import IMAGE_EXTENSIONS, to_rgb
 
 DATASET_TYPES = ("toy", "folder", "webdataset")
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
 
 @dataclass
@@ -194,7 +193,7 @@ class TarShards(Dataset):
                 raise ValueError(f"shard {shard} is not a readable uncompressed tar ({exc}); remove or re-create "
                                  "it") from exc
             for members in groups.values():
-                image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+                image = next((members[e[1:]] for e in IMAGE_EXTENSIONS if e[1:] in members), None)
                 if image is None:
                     continue  # a caption without an image is not a sample
                 ext = "txt" if "txt" in members else "json" if "json" in members else None
