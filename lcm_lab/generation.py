@@ -62,7 +62,8 @@ def sampling_grid(scheduler_config: Mapping, sampler: str, steps: int | None = N
 
     Needs no network, so entry points call it before loading models or metrics: impossible settings (an
     unknown sampler, a non-finite guidance scale, TCD's gamma outside [0, 1], more steps than the training or
-    distillation grid has, an img2img strength that leaves no step) fail before any work.
+    distillation grid has, an img2img strength that leaves no step, a scheduler config asking for x0 clipping
+    or thresholding) fail before any work.
 
     Args:
         scheduler_config: the model's ``scheduler/scheduler_config.json``; its schedule is built from it unless
@@ -75,11 +76,19 @@ def sampling_grid(scheduler_config: Mapping, sampler: str, steps: int | None = N
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
     if sampler == "tcd" and not 0.0 <= gamma <= 1.0:
         raise ValueError(f"TCD's gamma must be in [0, 1], got {gamma}")
+    for key in ("clip_sample", "thresholding"):  # pixel-space options; diffusers' SD/SDXL configs set them false
+        if scheduler_config.get(key, False):
+            raise ValueError(f"the model's scheduler config sets {key}=true, which lcm_lab's samplers do not "
+                             "implement (clamping latent x0 predictions is for pixel-space models); set it to false "
+                             "in scheduler/scheduler_config.json")
     if schedule is None:
         schedule = NoiseSchedule.from_scheduler(scheduler_config)
     if original_inference_steps is None:
         original_inference_steps = int(scheduler_config.get("original_inference_steps", 50))
-    return steps, timesteps_for(sampler, steps, schedule, strength, original_inference_steps)
+    # DDIM's grid as DDIMScheduler.from_config(scheduler_config) lays it out (its defaults: leading, offset 0)
+    spacing = {"timestep_spacing": scheduler_config.get("timestep_spacing", "leading"),
+               "steps_offset": int(scheduler_config.get("steps_offset", 0))} if sampler == "ddim" else {}
+    return steps, timesteps_for(sampler, steps, schedule, strength, original_inference_steps, **spacing)
 
 
 def check_sampling(models: Sequence, samplers: Sequence[str], steps_list: Sequence[int | None] | None,
@@ -146,7 +155,8 @@ def generate(
             ``image_size``).
         prompts, seeds: equal-length sequences; image ``i`` depends only on
             ``prompts[i]``, ``seeds[i]`` and the sampler settings.
-        sampler: ``"ddim"``, ``"lcm"`` or ``"tcd"``.
+        sampler: ``"ddim"``, ``"lcm"`` or ``"tcd"``. DDIM runs the grid and steps of
+            ``DDIMScheduler.from_config(model.scheduler_config)`` (its ``timestep_spacing`` and ``steps_offset``).
         steps: number of sampling steps (default: 50 for DDIM, 4 otherwise).
         guidance_scale: classifier-free guidance scale (diffusers convention); as in diffusers'
             pipelines, guidance runs only for a scale > 1 (<= 1: the conditional model alone). For a
@@ -197,6 +207,8 @@ def generate(
     schedule, device, dtype = model.schedule, model.device, next(model.unet.parameters()).dtype
     sample_fn = SAMPLERS[sampler]
     kwargs = {"gamma": gamma} if sampler == "tcd" else {}
+    if sampler == "ddim":  # DDIMScheduler.step's previous timestep, also on trailing/linspace grids
+        kwargs["step_ratio"] = schedule.num_train_timesteps // steps
     if sampler == "lcm":
         kwargs["timestep_scaling"] = float(timestep_scaling if timestep_scaling is not None
                                            else model.scheduler_config.get("timestep_scaling", 10.0))

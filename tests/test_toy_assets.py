@@ -55,6 +55,44 @@ def test_stock_pipeline_loads_and_matches_our_ddim(ldm):
         generate(ldm, [PROMPT], [2**63], progress=False)
 
 
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+@pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")  # no steps_offset: on purpose
+def test_ddim_follows_the_models_timestep_spacing(tmp_path, spacing):
+    """A model whose scheduler config asks for another DDIM spacing (and has no steps_offset) samples on the grid
+    and with the previous timesteps of DDIMScheduler.from_config(that config), as the stock pipeline does: at 7
+    steps the next grid point is not t - 1000 // 7 on these grids."""
+    from diffusers import StableDiffusionPipeline
+
+    from lcm_lab.generation import generate, sampling_grid
+    from lcm_lab.models.sd import load_ldm
+
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    for part in toy_teacher_dir().iterdir():
+        if part.name != "scheduler":
+            (folder / part.name).symlink_to(part)
+    config = json.loads((toy_teacher_dir() / "scheduler" / "scheduler_config.json").read_text())
+    config["timestep_spacing"] = spacing
+    del config["steps_offset"]
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(7)
+    _, grid = sampling_grid(config, "ddim", 7)
+    assert grid.tolist() == pipe.scheduler.timesteps.tolist()
+    assert any(a - b != 1000 // 7 for a, b in zip(grid.tolist(), grid.tolist()[1:]))
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    ref = pipe([PROMPT, PROMPT], num_inference_steps=7, guidance_scale=5.0, generator=gens, output_type="pt").images
+    ours = generate(load_ldm(folder), [PROMPT, PROMPT], [0, 1], sampler="ddim", steps=7, guidance_scale=5.0,
+                    progress=False)
+    assert (ref - ours).abs().max() < 1e-4
+    for key in ("clip_sample", "thresholding"):  # diffusers would clamp x0; ours does not, so it refuses
+        with pytest.raises(ValueError, match=f"sets {key}=true, which lcm_lab's samplers do not implement"):
+            sampling_grid({**config, key: True}, "ddim", 7)
+
+
 def test_img2img_matches_a_diffusers_loop(ldm):
     """generate(images=..., strength=...) with DDIM equals StableDiffusionImg2ImgPipeline's steps written out
     with the stock scheduler: the posterior mode of the init image (ours; the pipeline samples the posterior),
