@@ -62,8 +62,8 @@ def sampling_grid(scheduler_config: Mapping, sampler: str, steps: int | None = N
 
     Needs no network, so entry points call it before loading models or metrics: impossible settings (an
     unknown sampler, a non-finite guidance scale, TCD's gamma outside [0, 1], more steps than the training or
-    distillation grid has, an img2img strength that leaves no step, a scheduler config asking for x0 clipping
-    or thresholding) fail before any work.
+    distillation grid has, an img2img strength that leaves no step, a scheduler config asking for dynamic
+    thresholding) fail before any work.
 
     Args:
         scheduler_config: the model's ``scheduler/scheduler_config.json``; its schedule is built from it unless
@@ -76,11 +76,10 @@ def sampling_grid(scheduler_config: Mapping, sampler: str, steps: int | None = N
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
     if sampler == "tcd" and not 0.0 <= gamma <= 1.0:
         raise ValueError(f"TCD's gamma must be in [0, 1], got {gamma}")
-    for key in ("clip_sample", "thresholding"):  # pixel-space options; diffusers' SD/SDXL configs set them false
-        if scheduler_config.get(key, False):
-            raise ValueError(f"the model's scheduler config sets {key}=true, which lcm_lab's samplers do not "
-                             "implement (clamping latent x0 predictions is for pixel-space models); set it to false "
-                             "in scheduler/scheduler_config.json")
+    if sampler != "tcd" and scheduler_config.get("thresholding", False):  # TCDScheduler.step ignores it
+        raise ValueError("the model's scheduler config sets thresholding=true (dynamic thresholding of x0, for "
+                         "pixel-space models), which lcm_lab's samplers do not implement; set it to false in "
+                         "scheduler/scheduler_config.json")
     if schedule is None:
         schedule = NoiseSchedule.from_scheduler(scheduler_config)
     if original_inference_steps is None:
@@ -96,11 +95,15 @@ def check_sampling(models: Sequence, samplers: Sequence[str], steps_list: Sequen
     """:func:`sampling_grid` for every (model, sampler, steps), from each model folder's scheduler config alone
     (``None``: the toy teacher; ``steps_list=None``: each sampler's default; ``guidance=None``: the toy
     teacher's). Entry points call it before any network is loaded, metric prepared or result written."""
-    from .models.sd import check_pipeline_dir, load_schedule, toy_teacher_dir
+    from .models.sd import LatentDiffusionModel, check_pipeline_dir, load_schedule, toy_teacher_dir
+    from .models.sdxl import is_sdxl_dir
     from .toy import TEACHER_GUIDANCE
 
     for model in models:
-        config, schedule = load_schedule(check_pipeline_dir(toy_teacher_dir() if model is None else model))
+        folder = check_pipeline_dir(toy_teacher_dir() if model is None else model)
+        config, schedule = load_schedule(folder)
+        if not is_sdxl_dir(folder):  # as LDMParts.sampling_config
+            config = {**config, **LatentDiffusionModel.stock_scheduler_overrides}
         for sampler in samplers:
             for steps in steps_list or [None]:
                 sampling_grid(config, sampler, steps, guidance_scale=TEACHER_GUIDANCE if guidance is None else guidance,
@@ -155,8 +158,9 @@ def generate(
             ``image_size``).
         prompts, seeds: equal-length sequences; image ``i`` depends only on
             ``prompts[i]``, ``seeds[i]`` and the sampler settings.
-        sampler: ``"ddim"``, ``"lcm"`` or ``"tcd"``. DDIM runs the grid and steps of
-            ``DDIMScheduler.from_config(model.scheduler_config)`` (its ``timestep_spacing`` and ``steps_offset``).
+        sampler: ``"ddim"``, ``"lcm"`` or ``"tcd"``, each stepping as the diffusers scheduler built from
+            ``model.sampling_config`` in the family's stock pipeline (DDIM: its ``timestep_spacing``,
+            ``steps_offset`` and ``clip_sample``; StableDiffusionPipeline imposes offset 1 and no clipping).
         steps: number of sampling steps (default: 50 for DDIM, 4 otherwise).
         guidance_scale: classifier-free guidance scale (diffusers convention); as in diffusers'
             pipelines, guidance runs only for a scale > 1 (<= 1: the conditional model alone). For a
@@ -191,7 +195,8 @@ def generate(
         raise ValueError("no prompts: nothing to generate")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    steps, timesteps = sampling_grid(model.scheduler_config, sampler, steps, guidance_scale=guidance_scale,
+    config = model.sampling_config
+    steps, timesteps = sampling_grid(config, sampler, steps, guidance_scale=guidance_scale,
                                      gamma=gamma, strength=strength, original_inference_steps=original_inference_steps,
                                      schedule=model.schedule)
     if output not in ("images", "latents"):
@@ -209,6 +214,10 @@ def generate(
     kwargs = {"gamma": gamma} if sampler == "tcd" else {}
     if sampler == "ddim":  # DDIMScheduler.step's previous timestep, also on trailing/linspace grids
         kwargs["step_ratio"] = schedule.num_train_timesteps // steps
+    # x0 clipping as the scheduler built from this config does it: DDIMScheduler clips unless told not to
+    # (diffusers' SD/SDXL configs say clip_sample: false), LCMScheduler only when told, TCDScheduler never.
+    if sampler != "tcd" and config.get("clip_sample", sampler == "ddim"):
+        kwargs["clip_sample"] = float(config.get("clip_sample_range", 1.0))
     if sampler == "lcm":
         kwargs["timestep_scaling"] = float(timestep_scaling if timestep_scaling is not None
                                            else model.scheduler_config.get("timestep_scaling", 10.0))

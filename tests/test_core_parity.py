@@ -214,6 +214,33 @@ def test_ddim_eta_and_trailing_parity(unet, text):
     assert_close(ours, ref, tol=TOL * max(1.0, ref.abs().max().item()))
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@torch.no_grad()
+def test_x0_clipping_parity(unet, text, prediction_type):
+    """clip_sample on (a scheduler config's clip_sample + clip_sample_range): DDIM clamps x0_hat after taking
+    eps_hat from the raw prediction, LCM before its boundary scalings; both as the diffusers schedulers."""
+    cond, _ = text
+    config = {**SD_CONFIG, "prediction_type": prediction_type, "clip_sample": True, "clip_sample_range": 0.3}
+    ddim = DDIMScheduler(**config)
+    ddim.set_timesteps(5)
+    ref = scheduler_loop(ddim, pipeline_unet(unet, cond), initial_latents(), None)
+    schedule = NoiseSchedule.from_scheduler(ddim)
+    ours = sample_ddim(UNetModel(unet, cond), initial_latents(), schedule, ddim.timesteps, clip_sample=0.3)
+    assert_close(ours, ref)
+    assert (sample_ddim(UNetModel(unet, cond), initial_latents(), schedule, ddim.timesteps) - ref).abs().max() > 1e-2
+
+    w_emb = guidance_scale_embedding(torch.full((3,), 3.0), W_DIM)
+    lcm = LCMScheduler.from_config(config)
+    lcm.set_timesteps(4)
+    ref = scheduler_loop(lcm, pipeline_unet(unet, cond, timestep_cond=w_emb), initial_latents(),
+                         generators_for_seeds(SEEDS))
+    ours = sample_lcm(UNetModel(unet, cond, timestep_cond=w_emb), initial_latents(), schedule, lcm.timesteps,
+                      generator=generators_for_seeds(SEEDS), clip_sample=0.3)
+    assert_close(ours, ref)
+    with pytest.raises(ValueError, match="clip_sample"):
+        sample_lcm(UNetModel(unet, cond), initial_latents(), schedule, lcm.timesteps, clip_sample=0.0)
+
+
 @torch.no_grad()
 def test_ddim_img2img_grid_parity(unet, text):
     """SD img2img: full leading grid, keep the last int(n * strength) steps; prev = next grid point."""

@@ -86,6 +86,16 @@ def test_schedule_from_scheduler_matches(rescale, set_alpha_to_one):
     assert s4.final_alpha_cumprod == float(DDIMScheduler(**SD_CONFIG).alphas_cumprod[0])
 
 
+def test_schedule_from_a_config_without_betas_or_with_foreign_trained_betas_is_refused():
+    config = {k: v for k, v in SD_CONFIG.items() if k != "beta_schedule"}
+    with pytest.raises(ValueError, match="lacks beta_schedule .*disagree on their defaults"):
+        NoiseSchedule.from_scheduler(config)  # DDIM would read linear, LCM scaled_linear
+    betas = DDIMScheduler(**SD_CONFIG).betas.tolist()
+    assert NoiseSchedule.from_scheduler({"trained_betas": betas}).num_train_timesteps == 1000  # betas alone: fine
+    with pytest.raises(ValueError, match="1000 trained_betas but num_train_timesteps=500"):
+        NoiseSchedule.from_scheduler({"trained_betas": betas, "num_train_timesteps": 500})
+
+
 def test_schedule_from_config_and_trained_betas():
     s = NoiseSchedule.from_config(**{k: v for k, v in SD_CONFIG.items() if k not in ("steps_offset", "clip_sample")})
     ref = DDIMScheduler(**SD_CONFIG)

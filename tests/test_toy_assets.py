@@ -55,13 +55,14 @@ def test_stock_pipeline_loads_and_matches_our_ddim(ldm):
         generate(ldm, [PROMPT], [2**63], progress=False)
 
 
-@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+@pytest.mark.parametrize("spacing, clip", [("trailing", {}), ("linspace", {"clip_sample": True, "clip_sample_range": 0.5})])
 @pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")  # no steps_offset: on purpose
-def test_ddim_follows_the_models_timestep_spacing(tmp_path, spacing):
-    """A model whose scheduler config asks for another DDIM spacing (and has no steps_offset) samples on the grid
-    and with the previous timesteps of DDIMScheduler.from_config(that config), as the stock pipeline does: at 7
-    steps the next grid point is not t - 1000 // 7 on these grids."""
-    from diffusers import StableDiffusionPipeline
+def test_ddim_follows_the_models_scheduler_config(tmp_path, spacing, clip):
+    """A model whose scheduler config asks for another DDIM spacing samples on the grid and with the previous
+    timesteps of DDIMScheduler.from_config(that config), as the stock pipeline does (at 7 steps the next grid
+    point is not t - 1000 // 7 on these grids); StableDiffusionPipeline then imposes steps_offset 1 and no x0
+    clipping whatever the config says (clip_sample missing means DDIM's default, on), and so does lcm_lab."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from lcm_lab.generation import generate, sampling_grid
     from lcm_lab.models.sd import load_ldm
@@ -73,24 +74,35 @@ def test_ddim_follows_the_models_timestep_spacing(tmp_path, spacing):
             (folder / part.name).symlink_to(part)
     config = json.loads((toy_teacher_dir() / "scheduler" / "scheduler_config.json").read_text())
     config["timestep_spacing"] = spacing
-    del config["steps_offset"]
+    for key in ("steps_offset", "clip_sample", "clip_sample_range"):
+        del config[key]
+    config.update(clip)
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
 
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
+    assert (pipe.scheduler.config.steps_offset, pipe.scheduler.config.clip_sample) == (1, False)  # imposed
+    model = load_ldm(folder)
+    assert model.sampling_config["steps_offset"] == 1 and model.sampling_config["clip_sample"] is False
     pipe.scheduler.set_timesteps(7)
-    _, grid = sampling_grid(config, "ddim", 7)
+    _, grid = sampling_grid(model.sampling_config, "ddim", 7)
     assert grid.tolist() == pipe.scheduler.timesteps.tolist()
     assert any(a - b != 1000 // 7 for a, b in zip(grid.tolist(), grid.tolist()[1:]))
-    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
-    ref = pipe([PROMPT, PROMPT], num_inference_steps=7, guidance_scale=5.0, generator=gens, output_type="pt").images
-    ours = generate(load_ldm(folder), [PROMPT, PROMPT], [0, 1], sampler="ddim", steps=7, guidance_scale=5.0,
-                    progress=False)
+
+    def stock():
+        gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+        return pipe([PROMPT, PROMPT], num_inference_steps=7, guidance_scale=5.0, generator=gens,
+                    output_type="pt").images
+
+    ref = stock()
+    ours = generate(model, [PROMPT, PROMPT], [0, 1], sampler="ddim", steps=7, guidance_scale=5.0, progress=False)
     assert (ref - ours).abs().max() < 1e-4
-    for key in ("clip_sample", "thresholding"):  # diffusers would clamp x0; ours does not, so it refuses
-        with pytest.raises(ValueError, match=f"sets {key}=true, which lcm_lab's samplers do not implement"):
-            sampling_grid({**config, key: True}, "ddim", 7)
+    pipe.scheduler = DDIMScheduler.from_config({**pipe.scheduler.config, "clip_sample": True})  # what it undid
+    assert (stock() - ref).abs().max() > 1e-2  # clipping would have changed the images
+    with pytest.raises(ValueError, match="sets thresholding=true .* do not implement"):
+        sampling_grid({**config, "thresholding": True}, "ddim", 7)
+    sampling_grid({**config, "thresholding": True}, "tcd", 4)  # TCDScheduler.step ignores it
 
 
 def test_img2img_matches_a_diffusers_loop(ldm):

@@ -167,6 +167,11 @@ def _predict(
     return out, alpha, sigma, x0
 
 
+def _check_clip(clip_sample: float | None) -> None:
+    if clip_sample is not None and not clip_sample > 0:  # NaN too
+        raise ValueError(f"`clip_sample` must be a positive bound or None, got {clip_sample!r}.")
+
+
 def _fresh_noise(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     return randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
@@ -191,6 +196,7 @@ def sample_lcm(
     disable: bool = True,
     timestep_scaling: float = 10.0,
     sigma_data: float = 0.5,
+    clip_sample: float | None = None,
 ) -> torch.Tensor:
     """LCM multistep sampling (Luo et al. 2023, Algorithm 1; diffusers ``LCMScheduler.step``).
 
@@ -203,10 +209,13 @@ def sample_lcm(
         model, latents, schedule, timesteps, generator, callback, disable: see the module docstring.
         timestep_scaling (`float`, defaults to 10.0): see :func:`~lcm_lab.core.parameterization.lcm_boundary_scalings`.
         sigma_data (`float`, defaults to 0.5): see the same.
+        clip_sample (`float`, *optional*): clamp ``x0_hat`` to ``[-clip_sample, clip_sample]`` (a scheduler
+            config's ``clip_sample`` with its ``clip_sample_range``; off by default, as in ``LCMScheduler``).
 
     Returns:
         `torch.Tensor`: final latents ``f(x_{t_last}, t_last)``, shape and dtype of ``latents``.
     """
+    _check_clip(clip_sample)
     ts = _check_grid(timesteps, schedule)
     dtype = latents.dtype
     x = latents
@@ -214,6 +223,8 @@ def sample_lcm(
     for i, t in _progress(ts, disable, "LCM"):
         t_b = _per_sample(t, x)
         _, _, _, x0 = _predict(model, x, t_b, schedule)
+        if clip_sample is not None:
+            x0 = x0.clamp(-clip_sample, clip_sample)
         c_skip, c_out = lcm_boundary_scalings(t_b.reshape(-1, *([1] * (x.ndim - 1))), timestep_scaling, sigma_data)
         denoised = consistency_output(x, x0, c_skip, c_out)
         if i == last:
@@ -294,6 +305,7 @@ def sample_ddim(
     disable: bool = True,
     eta: float = 0.0,
     step_ratio: int | None = None,
+    clip_sample: float | None = None,
 ) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021, eq. 12; diffusers ``DDIMScheduler.step``).
 
@@ -312,6 +324,9 @@ def sample_ddim(
         eta (`float`, defaults to 0.0): DDIM eta in ``[0, 1]``; ``0`` is deterministic, ``1`` DDPM-like.
             ``std = eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))`` (DDIM eq. 16).
         step_ratio (`int`, *optional*): see above.
+        clip_sample (`float`, *optional*): clamp ``x0_hat`` to ``[-clip_sample, clip_sample]`` after ``eps_hat``
+            is taken from the unclipped prediction, as ``DDIMScheduler.step`` does with ``clip_sample`` (its
+            default) and ``clip_sample_range``. Off by default: clamping latents is for pixel-space models.
 
     Returns:
         `torch.Tensor`: final latents (at ``final_alpha_cumprod``), shape and dtype of ``latents``.
@@ -320,6 +335,7 @@ def sample_ddim(
         raise ValueError(f"`eta` must be in [0, 1], got {eta}.")
     if step_ratio is not None and (isinstance(step_ratio, bool) or not isinstance(step_ratio, int) or step_ratio < 1):
         raise ValueError(f"`step_ratio` must be a positive integer or None, got {step_ratio!r}.")
+    _check_clip(clip_sample)
     ts = _check_grid(timesteps, schedule)
     dtype = latents.dtype
     x = latents
@@ -328,6 +344,8 @@ def sample_ddim(
         t_b = _per_sample(t, x)
         out, alpha, sigma, x0 = _predict(model, x, t_b, schedule)
         eps = to_eps(out, x, alpha, sigma, schedule.prediction_type)
+        if clip_sample is not None:
+            x0 = x0.clamp(-clip_sample, clip_sample)
         if step_ratio is not None:
             t_prev = t - step_ratio
         else:

@@ -274,8 +274,10 @@ class NoiseSchedule:
 
         Reads ``num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
         rescale_betas_zero_snr, prediction_type, set_alpha_to_one`` and ignores every other key
-        (``clip_sample``, ``timestep_spacing``, ...: our samplers never clip, grids are chosen explicitly).
-        Missing keys take :meth:`from_config`'s defaults.
+        (``clip_sample``, ``timestep_spacing``, ...: the samplers and grids take those). Other missing keys
+        take :meth:`from_config`'s defaults, but not the betas: diffusers' schedulers default them differently
+        (DDIM: linear 1e-4..0.02; LCM: scaled_linear 0.00085..0.012), so a config must name them or give
+        ``trained_betas`` (of ``num_train_timesteps`` values, if both are there).
         """
         config = getattr(scheduler_or_config, "config", scheduler_or_config)
         if not isinstance(config, Mapping):
@@ -284,6 +286,14 @@ class NoiseSchedule:
                 f"got {type(scheduler_or_config).__name__}."
             )
         kwargs = {k: config[k] for k in _CONFIG_KEYS if k in config and config[k] is not None}
+        if "trained_betas" in kwargs:
+            n = len(kwargs["trained_betas"])
+            T = kwargs.get("num_train_timesteps", n)
+            if n != T:  # diffusers lays its grids out on num_train_timesteps
+                raise ValueError(f"the scheduler config has {n} trained_betas but num_train_timesteps={T}")
+        elif missing := [k for k in ("beta_start", "beta_end", "beta_schedule") if k not in kwargs]:
+            raise ValueError(f"the scheduler config lacks {', '.join(missing)} (and has no trained_betas); "
+                             "diffusers' schedulers disagree on their defaults, so write them into it")
         return cls.from_config(**kwargs)
 
     # ---- queries ---------------------------------------------------------------------

@@ -318,7 +318,7 @@ def diffusers_pipeline(ldm, sampler: str):
     ``ddim`` -> StableDiffusionPipeline + DDIMScheduler; ``tcd`` -> + TCDScheduler; ``lcm`` ->
     LatentConsistencyModelPipeline for w-conditioned students (guidance embedded, no CFG), else
     StableDiffusionPipeline + LCMScheduler (CFG, as lcm_lab does for such models). Schedulers
-    are built from the model's own scheduler config (x0 clipping off where the config does not say).
+    are built from the model's own scheduler config.
     """
     from diffusers import (DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline,
                            TCDScheduler)
@@ -328,8 +328,7 @@ def diffusers_pipeline(ldm, sampler: str):
     schedulers = {"ddim": DDIMScheduler, "lcm": LCMScheduler, "tcd": TCDScheduler}
     if sampler not in schedulers:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(schedulers)}")
-    # Clipping off, as lcm_lab samples (it refuses configs that turn it on): DDIMScheduler's own default is on.
-    scheduler = schedulers[sampler].from_config({**ldm.scheduler_config, "clip_sample": False})
+    scheduler = schedulers[sampler].from_config(ldm.scheduler_config)
     cls = LatentConsistencyModelPipeline if sampler == "lcm" and is_w_conditioned(ldm.unet) else StableDiffusionPipeline
     pipe = cls(vae=ldm.vae, text_encoder=ldm.text_encoder, tokenizer=ldm.tokenizer, unet=ldm.unet,
                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

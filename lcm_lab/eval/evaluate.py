@@ -464,7 +464,7 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         ldm = load_ldm(model, device=device or _default_device())
     device = ldm.device
     # before the prompts and metrics are prepared
-    steps, _ = sampling_grid(ldm.scheduler_config, sampler, steps, guidance_scale=guidance, gamma=gamma,
+    steps, _ = sampling_grid(ldm.sampling_config, sampler, steps, guidance_scale=guidance, gamma=gamma,
                              schedule=ldm.schedule)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

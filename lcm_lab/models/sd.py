@@ -42,6 +42,14 @@ class LDMParts(ABC):
     vae: torch.nn.Module
     schedule: NoiseSchedule
     scheduler_config: dict
+    # Scheduler settings the family's stock diffusers pipeline imposes whatever the config says (none for SDXL).
+    stock_scheduler_overrides: dict = {}
+
+    @property
+    def sampling_config(self) -> dict:
+        """The scheduler config as the family's stock pipeline runs it: :func:`~lcm_lab.generation.generate`
+        samples with these settings (grid spacing, offset, x0 clipping)."""
+        return {**self.scheduler_config, **self.stock_scheduler_overrides}
 
     @abstractmethod
     def conditioning(self, prompts: list[str], truncate: bool = False, image_size: int | None = None):
@@ -88,6 +96,9 @@ class LatentDiffusionModel(LDMParts):
     schedule: NoiseSchedule
     scheduler_config: dict
     path: Path
+    # StableDiffusionPipeline.__init__ (and its img2img twin) rewrites any scheduler's steps_offset to 1 and
+    # clip_sample to False, with a deprecation warning.
+    stock_scheduler_overrides = {"steps_offset": 1, "clip_sample": False}
 
     def encode_prompts(self, prompts: list[str], allow_empty: bool = False,
                        truncate: bool = False) -> torch.Tensor:
