@@ -34,7 +34,7 @@ def images():
 
 def test_encode_decode_shapes_and_scaling(vae, images):
     codec = LatentCodec(vae)
-    assert codec.scaling_factor == pytest.approx(0.18215) and codec.shift_factor is None
+    assert codec.scaling_factor == pytest.approx(0.18215)
     with torch.no_grad():
         z = codec.encode(images)
         assert z.shape == (5, 4, 8, 8)
@@ -47,13 +47,16 @@ def test_encode_decode_shapes_and_scaling(vae, images):
     assert torch.equal(LatentCodec.to_unit(torch.tensor([-3.0, -1.0, 0.0, 1.0])), torch.tensor([0.0, 0.0, 0.5, 1.0]))
 
 
-def test_overrides_and_shift(vae, images):
-    codec = LatentCodec(vae, scaling_factor=1.5, shift_factor=0.1)
+def test_scaling_override_and_vaes_that_ask_for_more(vae, images):
+    codec = LatentCodec(vae, scaling_factor=1.5)
     with torch.no_grad():
         z = codec.encode(images, no_grad=True)
-        assert torch.allclose(z, (vae.encode(images).latent_dist.mode() - 0.1) * 1.5, atol=1e-6)
-        ref = vae.decode(z / 1.5 + 0.1).sample
-        assert torch.allclose(codec.decode(z), ref, atol=1e-5)
+        assert torch.allclose(z, vae.encode(images).latent_dist.mode() * 1.5, atol=1e-6)
+        assert torch.allclose(codec.decode(z), vae.decode(z / 1.5).sample, atol=1e-5)
+    for extra in ({"shift_factor": 0.1159}, {"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}):
+        other = AutoencoderKL(**{**vae.config, **extra})  # the SD/SDXL pipelines would ignore these, or not
+        with pytest.raises(ValueError, match=f"sets {next(iter(extra))} .*scaling_factor alone"):
+            LatentCodec(other)
 
 
 def test_chunking_matches_unchunked(vae, images):

@@ -136,6 +136,23 @@ def test_sdxl_dir_detection_and_missing_parts(teacher_dir, tmp_path):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     plain = generate(model, [PROMPT], [5], sampler="lcm", steps=2, image_size=R, guidance_scale=1.0)
     assert (plain - got).abs().max() > 1e-4
+    # a folder whose model_index.json turns force_zeros_for_empty_prompt off: the negative branch is the encoded ""
+    other = tmp_path / "encoded_empty_negative"
+    other.mkdir()
+    for part in teacher_dir.iterdir():
+        if part.name != "model_index.json":
+            (other / part.name).symlink_to(part)
+    index = json.loads((teacher_dir / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    pipe = StableDiffusionXLPipeline.from_pretrained(other)
+    assert pipe.config.force_zeros_for_empty_prompt is False
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    want_encoded = pipe(PROMPT, num_inference_steps=2, guidance_scale=3.0, height=R, width=R, output_type="pt",
+                        generator=torch.Generator().manual_seed(5)).images
+    got_encoded = generate(load_sdxl(other), [PROMPT], [5], sampler="lcm", steps=2, image_size=R, guidance_scale=3.0)
+    torch.testing.assert_close(got_encoded, want_encoded, rtol=0, atol=1e-4)
+    assert (got_encoded - got).abs().max() > 1e-4
     # prompts are checked as for SD: over-long ones are an error unless truncated, empty ones always
     long_prompt = " ".join(["red"] * 100)
     with pytest.raises(ValueError, match="tokens, more than"):

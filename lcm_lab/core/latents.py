@@ -1,8 +1,9 @@
 """Pixel <-> latent conversion around a diffusers ``AutoencoderKL``.
 
-Latents follow the diffusers convention ``z = (E(x) - shift_factor) * scaling_factor`` (Rombach et al.
-2022, sec. 4.3.2 / appendix G: rescale latents to roughly unit variance; ``shift_factor`` is used by SD3 /
-FLUX VAEs and is absent for SD 1.x/2.x/XL).
+Latents are ``z = E(x) * scaling_factor`` (Rombach et al. 2022, sec. 4.3.2 / appendix G: rescale latents to
+roughly unit variance), as the SD 1.x/2.x and SDXL pipelines scale them. VAEs whose config asks for more
+(``shift_factor``: SD3 / FLUX; ``latents_mean`` / ``latents_std``: e.g. Playground v2.5) are refused rather
+than half-followed.
 
 Large batches are processed in chunks so peak activation memory is bounded. Neither method changes the
 autograd mode: ``decode`` stays differentiable when gradients are enabled (reward-guided LCD
@@ -36,10 +37,9 @@ class LatentCodec:
         vae (`diffusers.AutoencoderKL`-like): has ``encode(x).latent_dist`` (with ``mode()`` and
             ``sample(generator)``), ``decode(z).sample`` and a ``config``.
         scaling_factor (`float`, *optional*): overrides ``vae.config.scaling_factor`` (0.18215 for SD 1.x).
-        shift_factor (`float`, *optional*): overrides ``vae.config.shift_factor`` (None / missing -> 0).
     """
 
-    def __init__(self, vae, scaling_factor: float | None = None, shift_factor: float | None = None) -> None:
+    def __init__(self, vae, scaling_factor: float | None = None) -> None:
         self.vae = vae
         config = getattr(vae, "config", {})
         get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
@@ -47,19 +47,16 @@ class LatentCodec:
             scaling_factor = get("scaling_factor", None)
         if scaling_factor is None:
             raise ValueError("`scaling_factor` is not in vae.config; pass it explicitly.")
-        if shift_factor is None:
-            shift_factor = get("shift_factor", None)
+        for key in ("shift_factor", "latents_mean", "latents_std"):
+            if get(key, None) is not None:
+                raise ValueError(f"this VAE's config sets {key} (an SD3/FLUX- or Playground-style VAE); lcm_lab "
+                                 "follows the SD 1.x/2.x and SDXL pipelines, which scale latents by scaling_factor "
+                                 "alone")
         self.scaling_factor = float(scaling_factor)
-        self.shift_factor = float(shift_factor) if shift_factor is not None else None
-
-    @property
-    def _shift(self) -> float:
-        return 0.0 if self.shift_factor is None else self.shift_factor
 
     def scale(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw VAE latents (a posterior sample or mode) -> the scaled latents the UNet sees:
-        ``(raw - shift_factor) * scaling_factor``."""
-        return (raw - self._shift) * self.scaling_factor
+        """Raw VAE latents (a posterior sample or mode) -> the scaled latents the UNet sees: ``raw * scaling_factor``."""
+        return raw * self.scaling_factor
 
     def _param(self) -> torch.Tensor | None:
         return next(iter(self.vae.parameters()), None) if hasattr(self.vae, "parameters") else None
@@ -88,7 +85,7 @@ class LatentCodec:
             no_grad (`bool`, defaults to False): run under ``torch.no_grad()``.
 
         Returns:
-            `torch.Tensor`: ``(latent - shift_factor) * scaling_factor``.
+            `torch.Tensor`: ``latent * scaling_factor``.
         """
         chunk_size = _check_chunk_size(chunk_size)
         if images.numel():
@@ -125,7 +122,7 @@ class LatentCodec:
         out = []
         with torch.no_grad() if no_grad else contextlib.nullcontext():
             for sl in _chunks(latents.shape[0], chunk_size):
-                z = self._to_vae(latents[sl]) / self.scaling_factor + self._shift
+                z = self._to_vae(latents[sl]) / self.scaling_factor
                 out.append(self.vae.decode(z, return_dict=False)[0])
         return torch.cat(out)
 

@@ -19,7 +19,7 @@ prompt embedding and the pooled embedding are *zeros* (not the encoding of ``""`
 SDXL's ``force_zeros_for_empty_prompt``), while ``time_ids`` stay the conditional ones (the
 reference deep-copies the conditional ``added_cond_kwargs`` and only replaces ``text_embeds``;
 SDXL pipelines likewise give the negative branch the same size/crop conditioning). See
-:func:`sdxl_uncond`.
+:func:`sdxl_uncond`. Sampling follows the folder's flag instead (:meth:`SDXLModel.unconditional`).
 
 Training captions: empty prompts are allowed (caption dropout) and over-long prompts are
 truncated to the tokenizers' context (77 tokens), as the reference training scripts do.
@@ -40,6 +40,7 @@ import torch
 
 from ..core.schedules import NoiseSchedule
 from ..core.conditioning import Conditioning
+from ..files import read_json_object
 from ..readable import from_pretrained_complete
 from .sd import LDMParts, check_pipeline_dir, check_prompts, load_schedule, load_tokenizer
 
@@ -260,6 +261,9 @@ class SDXLModel(LDMParts):
     schedule: NoiseSchedule
     scheduler_config: dict
     path: Path
+    # model_index.json's flag (StableDiffusionXLPipeline's default: True): zeros, or the encoded "", as the
+    # negative branch of guidance.
+    force_zeros_for_empty_prompt: bool = True
 
     def conditioning(self, prompts: Sequence[str], truncate: bool = False, image_size: int | None = None
                      ) -> Conditioning:
@@ -275,11 +279,14 @@ class SDXLModel(LDMParts):
         return self.text.encode(prompts, original_size=(r, r), crop_top_left=(0, 0), target_size=(r, r))
 
     def unconditional(self, cond: Conditioning) -> Conditioning:
-        """Zero text and pooled embeddings (batch 1, SDXL's ``force_zeros_for_empty_prompt``) with ``cond``'s
-        ``time_ids``, the negative branch of ``StableDiffusionXLPipeline``."""
-        zeros = sdxl_uncond(cond)
-        return Conditioning(zeros.encoder_hidden_states,
-                            {**zeros.added_cond_kwargs, "time_ids": cond.added_cond_kwargs["time_ids"]})
+        """The negative branch of ``StableDiffusionXLPipeline`` (batch 1) with ``cond``'s ``time_ids``: zero text
+        and pooled embeddings under ``force_zeros_for_empty_prompt`` (SDXL's default), else those of ``""``."""
+        if self.force_zeros_for_empty_prompt:
+            uncond = sdxl_uncond(cond)
+        else:
+            uncond = self.text.encode([""], original_size=(self.image_size,) * 2, target_size=(self.image_size,) * 2)
+        return Conditioning(uncond.encoder_hidden_states,
+                            {**uncond.added_cond_kwargs, "time_ids": cond.added_cond_kwargs["time_ids"]})
 
 
 def load_sdxl(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -310,4 +317,7 @@ def load_sdxl(path: str | os.PathLike, device: str | torch.device = "cpu",
     for net in (unet, vae):
         net.to(device).eval().requires_grad_(False)
     text = load_sdxl_text(folder, device=device, dtype=dtype)
-    return SDXLModel(unet, vae, text, schedule.to(device), scheduler_config, folder)
+    index_file = folder / "model_index.json"
+    index = read_json_object(index_file, "pipeline index") if index_file.is_file() else {}
+    return SDXLModel(unet, vae, text, schedule.to(device), scheduler_config, folder,
+                     force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))

@@ -339,8 +339,7 @@ class LatentCache:
     """VAE posteriors of a dataset: ``mean`` and ``std`` [N, C, h, w] (unscaled), captions ``text`` and the
     dataset ``index`` of each row (rows skip unreadable items, so row i need not be dataset item i).
 
-    Draw training latents as ``(mean + std * randn) * scaling_factor`` (minus ``shift_factor`` first for
-    VAEs that have one), as ``latent_dist.sample()`` would.
+    Draw training latents as ``(mean + std * randn) * scaling_factor``, as ``latent_dist.sample()`` would.
     """
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, text: list[str], index: torch.Tensor | None = None):
