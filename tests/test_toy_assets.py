@@ -105,6 +105,22 @@ def test_ddim_follows_the_models_scheduler_config(tmp_path, spacing, clip):
     sampling_grid({**config, "thresholding": True}, "tcd", 4)  # TCDScheduler.step ignores it
 
 
+def test_prompt_embeddings_match_the_pipeline_with_and_without_the_padding_mask():
+    """encode_prompts = StableDiffusionPipeline.encode_prompt, also for a text encoder whose config asks for the
+    padding mask (use_attention_mask): then the padded positions' embeddings change."""
+    from diffusers import StableDiffusionPipeline
+
+    from lcm_lab.models.sd import encode_prompts
+
+    pipe = StableDiffusionPipeline.from_pretrained(toy_teacher_dir())
+    plain = encode_prompts(pipe.tokenizer, pipe.text_encoder, [PROMPT])
+    torch.testing.assert_close(plain, pipe.encode_prompt(PROMPT, "cpu", 1, False)[0], rtol=0, atol=0)
+    pipe.text_encoder.config.use_attention_mask = True
+    masked = encode_prompts(pipe.tokenizer, pipe.text_encoder, [PROMPT])
+    torch.testing.assert_close(masked, pipe.encode_prompt(PROMPT, "cpu", 1, False)[0], rtol=0, atol=0)
+    assert (masked - plain).abs().max() > 1e-3
+
+
 def test_img2img_matches_a_diffusers_loop(ldm):
     """generate(images=..., strength=...) with DDIM equals StableDiffusionImg2ImgPipeline's steps written out
     with the stock scheduler: the posterior mode of the init image (ours; the pipeline samples the posterior),

@@ -213,10 +213,13 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], allow_empty: boo
     """
     prompts = check_prompts(tokenizer, prompts, allow_empty, truncate)
     max_len = tokenizer.model_max_length
-    ids = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True,
-                    return_tensors="pt").input_ids.to(text_encoder.device)
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    # As StableDiffusionPipeline.encode_prompt: the padding mask only for encoders whose config asks for it
+    # (CLIP's does not: SD was trained on embeddings of the padded sequence).
+    mask = tokens.attention_mask if getattr(text_encoder.config, "use_attention_mask", False) else None
     with torch.no_grad():
-        return text_encoder(ids)[0]
+        return text_encoder(tokens.input_ids.to(text_encoder.device),
+                            attention_mask=None if mask is None else mask.to(text_encoder.device))[0]
 
 
 def check_prompts(tokenizer, prompts: str | list[str], allow_empty: bool = False, truncate: bool = False,
