@@ -153,6 +153,11 @@ def test_sdxl_dir_detection_and_missing_parts(teacher_dir, tmp_path):
     got_encoded = generate(load_sdxl(other), [PROMPT], [5], sampler="lcm", steps=2, image_size=R, guidance_scale=3.0)
     torch.testing.assert_close(got_encoded, want_encoded, rtol=0, atol=1e-4)
     assert (got_encoded - got).abs().max() > 1e-4
+    # in float16 the VAE stays float32 (its config says force_upcast, as SDXL's): the pipelines upcast it to decode
+    half = load_sdxl(teacher_dir, dtype=torch.float16)
+    assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32
+    got_half = generate(half, [PROMPT], [5], sampler="lcm", steps=2, image_size=R, guidance_scale=3.0)
+    assert got_half.dtype == torch.float32 and (got_half - got).abs().max() < 2e-2  # float16 UNet rounding
     # prompts are checked as for SD: over-long ones are an error unless truncated, empty ones always
     long_prompt = " ".join(["red"] * 100)
     with pytest.raises(ValueError, match="tokens, more than"):

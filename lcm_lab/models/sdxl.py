@@ -297,7 +297,8 @@ def load_sdxl(path: str | os.PathLike, device: str | torch.device = "cpu",
     ``vae/``, ``scheduler/``, ``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``. Any
     scheduler class works (SDXL ships an ``EulerDiscreteScheduler``); only its betas and ``prediction_type``
     are read (:meth:`~lcm_lab.core.schedules.NoiseSchedule.from_scheduler`). Networks are placed on ``device``
-    in ``dtype``, in eval mode, frozen. Nothing is downloaded.
+    in ``dtype``, in eval mode, frozen; a VAE whose config says ``force_upcast`` stays float32 under float16,
+    as the SDXL pipelines run it. Nothing is downloaded.
 
     Raises:
         FileNotFoundError: the folder, one of its subfolders (named in the message, with how to obtain the
@@ -314,6 +315,9 @@ def load_sdxl(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise ValueError(f"{folder / 'unet'} is not an SDXL UNet (addition_embed_type must be 'text_time', got "
                          f"{unet.config.addition_embed_type!r})")
     vae = from_pretrained_complete(AutoencoderKL, folder / "vae", "VAE", torch_dtype=dtype)
+    if dtype == torch.float16 and vae.config.force_upcast:
+        # SDXL's VAE overflows in float16: the SDXL pipelines upcast it to run it, lcm_lab keeps it float32.
+        vae.to(dtype=torch.float32)
     for net in (unet, vae):
         net.to(device).eval().requires_grad_(False)
     text = load_sdxl_text(folder, device=device, dtype=dtype)
