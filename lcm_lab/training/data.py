@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..files import atomic_write
 from ..imaging import IMAGE_EXTENSIONS, to_rgb
 
 DATASET_TYPES = ("toy", "folder", "webdataset")
@@ -295,18 +294,17 @@ class StepBatchSampler(Sampler[list[int]]):
 
     The batch of step ``s`` on rank ``r`` is ``np.random.default_rng([seed, rank, s]).integers(num_items,
     size=batch_size)``: restarting at ``start_step=s`` replays the uninterrupted run exactly, and ranks
-    draw different data. Yields steps ``start_step, start_step + 1, ...``, forever when ``num_steps`` is
-    None, else up to step ``num_steps - 1``.
+    draw different data. Yields the batches of steps ``start_step, start_step + 1, ...`` forever: the training
+    loop takes as many as it runs.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, start_step: int = 0,
-                 num_steps: int | None = None):
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, start_step: int = 0):
         if num_items <= 0 or batch_size <= 0:
             raise ValueError(f"num_items ({num_items}) and batch_size ({batch_size}) must be positive")
         if min(seed, rank, start_step) < 0:
             raise ValueError("seed, rank and start_step must be non-negative")
         self.num_items, self.batch_size, self.seed, self.rank = num_items, batch_size, seed, rank
-        self.start_step, self.num_steps = start_step, num_steps
+        self.start_step = start_step
 
     def batch(self, step: int) -> list[int]:
         """The dataset indices of ``step`` on this rank."""
@@ -315,22 +313,17 @@ class StepBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         step = self.start_step
-        while self.num_steps is None or step < self.num_steps:
+        while True:
             yield self.batch(step)
             step += 1
 
-    def __len__(self) -> int:
-        if self.num_steps is None:
-            raise TypeError("an infinite StepBatchSampler has no length")
-        return max(0, self.num_steps - self.start_step)
-
 
 def make_dataloader(dataset: Dataset, batch_size: int, seed: int, rank: int = 0, start_step: int = 0,
-                    num_workers: int = 0, num_steps: int | None = None) -> DataLoader:
-    """An infinite (or ``num_steps``-long) loader of :func:`collate` batches drawn by :class:`StepBatchSampler`.
+                    num_workers: int = 0) -> DataLoader:
+    """An infinite loader of :func:`collate` batches drawn by :class:`StepBatchSampler`.
 
     Pass ``rank=accelerator.process_index`` and do not ``accelerator.prepare`` the loader."""
-    sampler = StepBatchSampler(len(dataset), batch_size, seed, rank, start_step, num_steps)
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, rank, start_step)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       persistent_workers=num_workers > 0)
 
@@ -355,17 +348,6 @@ class LatentCache:
         """Rows ``indices`` (cache rows, e.g. from a StepBatchSampler over ``len(cache)``): (mean, std, texts)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         return self.mean[idx], self.std[idx], [self.text[i] for i in idx.tolist()]
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the cache with ``torch.save`` to a temporary file, then rename it into place."""
-        state = {"mean": self.mean, "std": self.std, "text": self.text, "index": self.index}
-        return atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "LatentCache":
-        """Read a cache written by :meth:`save` (``weights_only`` loading: no code is executed)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(state["mean"], state["std"], state["text"], state["index"])
 
 
 def encode_dataset(dataset: Dataset, vae, batch_size: int = 256, device="cpu",
