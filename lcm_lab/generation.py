@@ -63,11 +63,12 @@ def sampling_grid(scheduler_config: Mapping, sampler: str, steps: int | None = N
     Needs no network, so entry points call it before loading models or metrics: impossible settings (an
     unknown sampler, a non-finite guidance scale, TCD's gamma outside [0, 1], more steps than the training or
     distillation grid has, an img2img strength that leaves no step, a scheduler config asking for dynamic
-    thresholding) fail before any work.
+    thresholding or clipping to a bound that is not positive) fail before any work.
 
     Args:
-        scheduler_config: the model's ``scheduler/scheduler_config.json``; its schedule is built from it unless
-            ``schedule`` (the model's own) is given.
+        scheduler_config: the scheduler config as the stock pipeline runs it (``LDMParts.sampling_config``; a
+            folder's ``scheduler/scheduler_config.json`` plus what its pipeline imposes); the schedule is built
+            from it unless ``schedule`` (the model's own) is given.
         original_inference_steps: LCM/TCD distillation grid; default the config's, or 50.
         Other arguments: as in :func:`generate`.
     """
@@ -80,6 +81,9 @@ def sampling_grid(scheduler_config: Mapping, sampler: str, steps: int | None = N
         raise ValueError("the model's scheduler config sets thresholding=true (dynamic thresholding of x0, for "
                          "pixel-space models), which lcm_lab's samplers do not implement; set it to false in "
                          "scheduler/scheduler_config.json")
+    clip = clip_bound(scheduler_config, sampler)
+    if clip is not None and not clip > 0:  # NaN too
+        raise ValueError(f"the model's scheduler config clips x0 to clip_sample_range={clip}, which must be > 0")
     if schedule is None:
         schedule = NoiseSchedule.from_scheduler(scheduler_config)
     if original_inference_steps is None:
@@ -90,12 +94,25 @@ def sampling_grid(scheduler_config: Mapping, sampler: str, steps: int | None = N
     return steps, timesteps_for(sampler, steps, schedule, strength, original_inference_steps, **spacing)
 
 
+def clip_bound(scheduler_config: Mapping, sampler: str) -> float | None:
+    """The bound x0 is clipped to as the scheduler built from this config clips it, or ``None``: DDIMScheduler
+    clips unless told not to (diffusers' SD/SDXL configs say ``clip_sample: false``), LCMScheduler only when
+    told, TCDScheduler never."""
+    if sampler == "tcd" or not scheduler_config.get("clip_sample", sampler == "ddim"):
+        return None
+    bound = scheduler_config.get("clip_sample_range", 1.0)
+    try:
+        return float(bound)
+    except (TypeError, ValueError):
+        raise ValueError(f"the model's scheduler config has clip_sample_range={bound!r}, not a number") from None
+
+
 def check_sampling(models: Sequence, samplers: Sequence[str], steps_list: Sequence[int | None] | None,
                    guidance: float | None, gamma: float = 0.3, strength: float = 1.0) -> None:
     """:func:`sampling_grid` for every (model, sampler, steps), from each model folder's scheduler config alone
     (``None``: the toy teacher; ``steps_list=None``: each sampler's default; ``guidance=None``: the toy
     teacher's). Entry points call it before any network is loaded, metric prepared or result written."""
-    from .models.sd import LatentDiffusionModel, check_pipeline_dir, load_schedule, toy_teacher_dir
+    from .models.sd import check_pipeline_dir, load_schedule, stock_scheduler_overrides, toy_teacher_dir
     from .models.sdxl import is_sdxl_dir
     from .toy import TEACHER_GUIDANCE
 
@@ -103,7 +120,7 @@ def check_sampling(models: Sequence, samplers: Sequence[str], steps_list: Sequen
         folder = check_pipeline_dir(toy_teacher_dir() if model is None else model)
         config, schedule = load_schedule(folder)
         if not is_sdxl_dir(folder):  # as LDMParts.sampling_config
-            config = {**config, **LatentDiffusionModel.stock_scheduler_overrides}
+            config = {**config, **stock_scheduler_overrides(folder)}
         for sampler in samplers:
             for steps in steps_list or [None]:
                 sampling_grid(config, sampler, steps, guidance_scale=TEACHER_GUIDANCE if guidance is None else guidance,
@@ -154,8 +171,8 @@ def generate(
     Args:
         model: a loaded LDM, teacher or distilled student: SD 1.x/2.x
             (:class:`~lcm_lab.models.sd.LatentDiffusionModel`) or SDXL (:class:`~lcm_lab.models.sdxl.SDXLModel`,
-            conditioned as ``StableDiffusionXLPipeline`` does: zero negative embeddings, size micro-conditioning
-            ``image_size``).
+            conditioned as ``StableDiffusionXLPipeline`` does: negative embeddings per the folder's
+            ``force_zeros_for_empty_prompt``, size micro-conditioning ``image_size``).
         prompts, seeds: equal-length sequences; image ``i`` depends only on
             ``prompts[i]``, ``seeds[i]`` and the sampler settings.
         sampler: ``"ddim"``, ``"lcm"`` or ``"tcd"``, each stepping as the diffusers scheduler built from
@@ -214,10 +231,8 @@ def generate(
     kwargs = {"gamma": gamma} if sampler == "tcd" else {}
     if sampler == "ddim":  # DDIMScheduler.step's previous timestep, also on trailing/linspace grids
         kwargs["step_ratio"] = schedule.num_train_timesteps // steps
-    # x0 clipping as the scheduler built from this config does it: DDIMScheduler clips unless told not to
-    # (diffusers' SD/SDXL configs say clip_sample: false), LCMScheduler only when told, TCDScheduler never.
-    if sampler != "tcd" and config.get("clip_sample", sampler == "ddim"):
-        kwargs["clip_sample"] = float(config.get("clip_sample_range", 1.0))
+    if (clip := clip_bound(config, sampler)) is not None:
+        kwargs["clip_sample"] = clip
     if sampler == "lcm":
         kwargs["timestep_scaling"] = float(timestep_scaling if timestep_scaling is not None
                                            else model.scheduler_config.get("timestep_scaling", 10.0))

@@ -239,6 +239,8 @@ def test_unet_model_conditioning_passthrough():
     with pytest.raises(ValueError, match="different added_cond_kwargs keys"):
         UNetModel(unet, cond, uncond=uncond, guidance_scale=3.0, added_cond_kwargs=added,
                   uncond_added_cond_kwargs={"text_embeds": u_added["text_embeds"]})(x, t)
+    with pytest.raises(ValueError, match="`uncond` has batch 3"):
+        UNetModel(unet, cond, uncond=torch.randn(3, 5, 8), guidance_scale=3.0)(x, t)
     # batch-1 unconditional conditioning is broadcast, as a pipeline's single negative prompt
     UNetModel(unet, cond, uncond=uncond[:1], guidance_scale=3.0, added_cond_kwargs=added,
               uncond_added_cond_kwargs={k: v[:1] for k, v in u_added.items()})(x, t)

@@ -94,6 +94,21 @@ def test_schedule_from_a_config_without_betas_or_with_foreign_trained_betas_is_r
     assert NoiseSchedule.from_scheduler({"trained_betas": betas}).num_train_timesteps == 1000  # betas alone: fine
     with pytest.raises(ValueError, match="1000 trained_betas but num_train_timesteps=500"):
         NoiseSchedule.from_scheduler({"trained_betas": betas, "num_train_timesteps": 500})
+    with pytest.raises(ValueError, match="500 trained_betas but num_train_timesteps=1000"):  # diffusers' default T
+        NoiseSchedule.from_scheduler({"trained_betas": betas[:500]})
+
+
+def test_a_model_folder_with_such_a_config_says_why_not_that_it_is_unreadable(tmp_path):
+    import json
+
+    from lcm_lab.models.sd import load_schedule
+
+    (tmp_path / "scheduler").mkdir()
+    path = tmp_path / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({k: v for k, v in SD_CONFIG.items() if k != "beta_start"}))
+    with pytest.raises(ValueError, match="scheduler_config.json: the scheduler config lacks beta_start") as err:
+        load_schedule(tmp_path)
+    assert "cannot read" not in str(err.value) and "truncated" not in str(err.value)
 
 
 def test_schedule_from_config_and_trained_betas():

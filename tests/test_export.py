@@ -209,6 +209,34 @@ def test_exported_pipeline_matches_generate(exported, steps):
     assert max_diff(other, ours) > 1e-3
 
 
+def test_lcm_folder_that_asks_for_clipping_matches_its_stock_pipeline(exported, tmp_path):
+    """LatentConsistencyModelPipeline imposes nothing on its scheduler (StableDiffusionPipeline would turn
+    clipping off): an LCM folder whose config clips x0 is sampled with that clipping, as the stock pipeline does."""
+    out, _, _ = exported
+    folder = tmp_path / "clipping"
+    folder.mkdir()
+    for part in out.iterdir():
+        if part.name != "scheduler":
+            (folder / part.name).symlink_to(part)
+    config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**config, "clip_sample": True, "clip_sample_range": 0.5}))
+    model = load_ldm(folder)
+    assert model.stock_scheduler_overrides == {} and load_ldm(toy_teacher_dir()).stock_scheduler_overrides
+    pipe = LatentConsistencyModelPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    gens = generators_for_seeds(SEEDS)
+    latents = randn((len(SEEDS), 4, 8, 8), gens)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, num_inference_steps=4, guidance_scale=5.0, output_type="pt", generator=gens,
+                   latents=latents).images
+    ours = generate(model, PROMPTS, SEEDS, sampler="lcm", steps=4, guidance_scale=5.0, progress=False)
+    assert max_diff(ours, ref) <= TOL
+    unclipped = generate(load_ldm(out), PROMPTS, SEEDS, sampler="lcm", steps=4, guidance_scale=5.0, progress=False)
+    assert max_diff(ours, unclipped) > 1e-2  # the clipping acted
+
+
 def test_v_prediction_teacher_distils_and_exports(tmp_path):
     """SD 2.x-style teacher: the toy teacher's weights under a v-prediction scheduler config. LCD reads the
     parameterization from the teacher, and the exported stock pipeline samples like lcm_lab's sampler."""

@@ -55,7 +55,8 @@ def test_stock_pipeline_loads_and_matches_our_ddim(ldm):
         generate(ldm, [PROMPT], [2**63], progress=False)
 
 
-@pytest.mark.parametrize("spacing, clip", [("trailing", {}), ("linspace", {"clip_sample": True, "clip_sample_range": 0.5})])
+@pytest.mark.parametrize("spacing, clip", [("leading", {}), ("trailing", {}),
+                                           ("linspace", {"clip_sample": True, "clip_sample_range": 0.5})])
 @pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")  # no steps_offset: on purpose
 def test_ddim_follows_the_models_scheduler_config(tmp_path, spacing, clip):
     """A model whose scheduler config asks for another DDIM spacing samples on the grid and with the previous
@@ -88,7 +89,10 @@ def test_ddim_follows_the_models_scheduler_config(tmp_path, spacing, clip):
     pipe.scheduler.set_timesteps(7)
     _, grid = sampling_grid(model.sampling_config, "ddim", 7)
     assert grid.tolist() == pipe.scheduler.timesteps.tolist()
-    assert any(a - b != 1000 // 7 for a, b in zip(grid.tolist(), grid.tolist()[1:]))
+    if spacing == "leading":  # the offset the pipeline imposes (DDIMScheduler's own default would be 0)
+        assert grid[-1] == 1
+    else:
+        assert any(a - b != 1000 // 7 for a, b in zip(grid.tolist(), grid.tolist()[1:]))
 
     def stock():
         gens = [torch.Generator().manual_seed(s) for s in (0, 1)]

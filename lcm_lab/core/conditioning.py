@@ -19,13 +19,14 @@ class Conditioning:
     def __len__(self) -> int:
         return self.encoder_hidden_states.shape[0]
 
-    def expand(self, batch: int) -> "Conditioning":
+    def expand(self, batch: int, names: tuple[str, str] = ("encoder_hidden_states", "added_cond_kwargs")
+               ) -> "Conditioning":
         """Broadcast a batch-1 conditioning (e.g. the unconditional one) to ``batch`` rows; one of ``batch``
-        rows is returned as it is, any other batch is a ``ValueError``."""
+        rows is returned as it is, any other batch is a ``ValueError`` naming the tensor by ``names``."""
         added = self.added_cond_kwargs
-        return Conditioning(match_batch("encoder_hidden_states", self.encoder_hidden_states, batch),
+        return Conditioning(match_batch(names[0], self.encoder_hidden_states, batch),
                             None if added is None else
-                            {k: match_batch(f"added_cond_kwargs[{k!r}]", v, batch) for k, v in added.items()})
+                            {k: match_batch(f"{names[1]}[{k!r}]", v, batch) for k, v in added.items()})
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Conditioning":
         """Every tensor moved to ``device`` and/or cast to ``dtype`` (e.g. the frozen UNet's half precision)."""

@@ -125,7 +125,7 @@ class UNetModel:
         out = self._forward(
             torch.cat([x_t, x_t]),
             torch.cat([t, t]),
-            Conditioning.cat(uncond.expand(batch), cond),
+            Conditioning.cat(uncond.expand(batch, ("uncond", "uncond_added_cond_kwargs")), cond),
             None if tcond is None else torch.cat([tcond, tcond]),
         )
         out_uncond, out_cond = out.chunk(2)

@@ -52,6 +52,20 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # --------------------------------------------------------------------------------------
 
 
+def check_scheduler_config(config: Mapping) -> None:
+    """Refuse a scheduler config whose noise schedule diffusers' schedulers would not agree on: betas left to
+    their defaults (DDIM: linear 1e-4..0.02; LCM: scaled_linear 0.00085..0.012), or ``trained_betas`` of another
+    length than ``num_train_timesteps`` (default 1000), on which diffusers lays out its grids."""
+    present = {k for k, v in config.items() if v is not None}
+    if "trained_betas" in present:
+        n, T = len(config["trained_betas"]), config.get("num_train_timesteps") or 1000
+        if n != T:
+            raise ValueError(f"the scheduler config has {n} trained_betas but num_train_timesteps={T}")
+    elif missing := [k for k in ("beta_start", "beta_end", "beta_schedule") if k not in present]:
+        raise ValueError(f"the scheduler config lacks {', '.join(missing)} (and has no trained_betas); "
+                         "diffusers' schedulers disagree on their defaults, so write them into it")
+
+
 def check_prediction_type(prediction_type: str) -> str:
     """Return ``prediction_type`` or raise ``ValueError`` if it is not one of :data:`PREDICTION_TYPES`."""
     if prediction_type not in PREDICTION_TYPES:
@@ -285,15 +299,8 @@ class NoiseSchedule:
                 "scheduler_or_config must be a diffusers scheduler, its `config`, or a dict; "
                 f"got {type(scheduler_or_config).__name__}."
             )
+        check_scheduler_config(config)
         kwargs = {k: config[k] for k in _CONFIG_KEYS if k in config and config[k] is not None}
-        if "trained_betas" in kwargs:
-            n = len(kwargs["trained_betas"])
-            T = kwargs.get("num_train_timesteps", n)
-            if n != T:  # diffusers lays its grids out on num_train_timesteps
-                raise ValueError(f"the scheduler config has {n} trained_betas but num_train_timesteps={T}")
-        elif missing := [k for k in ("beta_start", "beta_end", "beta_schedule") if k not in kwargs]:
-            raise ValueError(f"the scheduler config lacks {', '.join(missing)} (and has no trained_betas); "
-                             "diffusers' schedulers disagree on their defaults, so write them into it")
         return cls.from_config(**kwargs)
 
     # ---- queries ---------------------------------------------------------------------

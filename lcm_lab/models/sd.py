@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..core.latents import LatentCodec
-from ..core.schedules import NoiseSchedule
+from ..core.schedules import NoiseSchedule, check_scheduler_config
 from ..files import read_json_object
 from ..readable import from_pretrained_complete, reading
 
@@ -85,6 +85,19 @@ class LDMParts(ABC):
         return self.latent_shape[1] * self.vae_scale_factor
 
 
+# StableDiffusionPipeline.__init__ (and its img2img twin) rewrites any scheduler's steps_offset to 1 and clip_sample
+# to False, with a deprecation warning; LatentConsistencyModelPipeline and the SDXL pipelines impose nothing.
+SD_PIPELINE_OVERRIDES = {"steps_offset": 1, "clip_sample": False}
+
+
+def stock_scheduler_overrides(folder: Path) -> dict:
+    """What the stock pipeline of an SD 1.x/2.x folder (its model_index.json ``_class_name``) imposes on the
+    scheduler config: :data:`SD_PIPELINE_OVERRIDES`, or nothing for a LatentConsistencyModelPipeline folder."""
+    index = Path(folder) / "model_index.json"
+    name = read_json_object(index, "pipeline index").get("_class_name", "") if index.is_file() else ""
+    return {} if str(name).startswith("LatentConsistencyModel") else dict(SD_PIPELINE_OVERRIDES)
+
+
 @dataclass
 class LatentDiffusionModel(LDMParts):
     """A loaded SD 1.x/2.x-style LDM: networks, noise schedule and latent codec."""
@@ -96,9 +109,7 @@ class LatentDiffusionModel(LDMParts):
     schedule: NoiseSchedule
     scheduler_config: dict
     path: Path
-    # StableDiffusionPipeline.__init__ (and its img2img twin) rewrites any scheduler's steps_offset to 1 and
-    # clip_sample to False, with a deprecation warning.
-    stock_scheduler_overrides = {"steps_offset": 1, "clip_sample": False}
+    stock_scheduler_overrides: dict = field(default_factory=lambda: dict(SD_PIPELINE_OVERRIDES))
 
     def encode_prompts(self, prompts: list[str], allow_empty: bool = False,
                        truncate: bool = False) -> torch.Tensor:
@@ -163,7 +174,8 @@ def load_ldm(path: str | os.PathLike | None = None, device: str | torch.device =
     tokenizer = load_tokenizer(CLIPTokenizer, folder / "tokenizer", text_encoder.config.vocab_size)
     for net in (unet, vae, text_encoder):
         net.to(device).eval().requires_grad_(False)
-    return LatentDiffusionModel(unet, vae, text_encoder, tokenizer, schedule.to(device), scheduler_config, folder)
+    return LatentDiffusionModel(unet, vae, text_encoder, tokenizer, schedule.to(device), scheduler_config, folder,
+                                stock_scheduler_overrides(folder))
 
 
 def load_schedule(folder: Path, hint: str = "Copy the scheduler/ folder of the model's repository (or of the "
@@ -174,6 +186,10 @@ def load_schedule(folder: Path, hint: str = "Copy the scheduler/ folder of the m
     if not path.is_file():
         raise FileNotFoundError(f"model folder {folder} lacks scheduler/scheduler_config.json. {hint}")
     config = read_json_object(path, "scheduler config")
+    try:
+        check_scheduler_config(config)  # a config lcm_lab would not follow: its own message, not "unreadable"
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     with reading(path, "scheduler config"):  # a wrong type or NaN in a value fails in here
         return config, NoiseSchedule.from_scheduler(config)
 

@@ -81,8 +81,8 @@ def _lcm_scheduler(base: Path, original_inference_steps: int, timestep_scaling: 
         raise ValueError(
             f"`original_inference_steps` ({original_inference_steps}) exceeds num_train_timesteps ({num_train})."
         )
-    # The LCD objective and lcm_lab's samplers never clip or threshold x0; a teacher config that does (an
-    # old DDPM-style "clip_sample": true) must not make the stock pipeline clip latents to [-1, 1].
+    # The LCD objective never clips or thresholds x0, so the exported scheduler must not either: a teacher config
+    # that does (an old DDPM-style "clip_sample": true) would make LatentConsistencyModelPipeline clip latents.
     return LCMScheduler.from_config(
         base_scheduler, original_inference_steps=original_inference_steps, timestep_scaling=float(timestep_scaling),
         clip_sample=False, thresholding=False,
