@@ -21,7 +21,7 @@ from .core.noise import generators_for_seeds, randn
 from .core.parameterization import guidance_scale_embedding
 from .core.sampling import SAMPLERS, noised_start, timesteps_for
 from .core.schedules import NoiseSchedule
-from .imaging import check_finite
+from .imaging import unit_range
 from .models.sd import LDMParts
 from .models.student import is_w_conditioned
 
@@ -113,14 +113,12 @@ def check_sampling(models: Sequence, samplers: Sequence[str], steps_list: Sequen
     (``None``: the toy teacher; ``steps_list=None``: each sampler's default; ``guidance=None``: the toy
     teacher's). Entry points call it before any network is loaded, metric prepared or result written."""
     from .models.sd import check_pipeline_dir, load_schedule, stock_scheduler_overrides, toy_teacher_dir
-    from .models.sdxl import is_sdxl_dir
     from .toy import TEACHER_GUIDANCE
 
     for model in models:
         folder = check_pipeline_dir(toy_teacher_dir() if model is None else model)
         config, schedule = load_schedule(folder)
-        if not is_sdxl_dir(folder):  # as LDMParts.sampling_config
-            config = {**config, **stock_scheduler_overrides(folder)}
+        config = {**config, **stock_scheduler_overrides(folder)}  # as LDMParts.sampling_config
         for sampler in samplers:
             for steps in steps_list or [None]:
                 sampling_grid(config, sampler, steps, guidance_scale=TEACHER_GUIDANCE if guidance is None else guidance,
@@ -138,12 +136,7 @@ def _checked_init_images(images: torch.Tensor, num_prompts: int, image_size: int
     if tuple(images.shape[-2:]) != (image_size, image_size):
         raise ValueError(f"init images are {tuple(images.shape[-2:])} px but the model generates {image_size} px; "
                          "resize them (lcm_lab.imaging.load_images(..., size=...))")
-    check_finite(images, "init images")
-    lo, hi = float(images.min()), float(images.max())
-    if lo < -0.002 or hi > 1.002:  # half a gray level of slack for a resize's overshoot, which is clamped
-        raise ValueError(f"init images must be floats in [0, 1], got min {lo:.4g}, max {hi:.4g} "
-                         "(divide 8-bit images by 255)")
-    return images.clamp(0, 1)
+    return unit_range(images, "init images", "divide 8-bit images by 255")
 
 
 def generate(
@@ -235,7 +228,7 @@ def generate(
         kwargs["clip_sample"] = clip
     if sampler == "lcm":
         kwargs["timestep_scaling"] = float(timestep_scaling if timestep_scaling is not None
-                                           else model.scheduler_config.get("timestep_scaling", 10.0))
+                                           else config.get("timestep_scaling", 10.0))
     latent_shape = (model.latent_shape[0], image_size // factor, image_size // factor)
     # By default about one 1024 px image per VAE decode call: the decoder's activations dominate memory there.
     decode_chunk = decode_chunk_size or max(1, min(64, 2**20 // image_size**2))

@@ -40,6 +40,17 @@ def check_finite(images: torch.Tensor, what: str = "images (the model's outputs)
         raise ValueError(f"{what} hold NaN or inf values")
 
 
+def unit_range(images: torch.Tensor, what: str, fix: str) -> torch.Tensor:
+    """``images`` clamped to [0, 1] after checking they are finite floats within half a gray level of it (a
+    resize's overshoot); anything further out, e.g. [-1, 1] or 8-bit values, is a ``ValueError`` ending in
+    ``fix``."""
+    check_finite(images, what)  # NaN would pass the range check and count as black
+    lo, hi = torch.aminmax(images.detach().float())
+    if lo < -0.002 or hi > 1.002:
+        raise ValueError(f"expected {what} as floats in [0, 1], got min {float(lo):.4g}, max {float(hi):.4g} ({fix})")
+    return images.clamp(0, 1)
+
+
 # Image files the readers take: evaluation's reference folders and webdataset shards' members.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -188,7 +188,7 @@ def test_fid_kid_helper_and_uint8_input(inception64):
 def test_images_outside_unit_range_are_an_error():
     images = smooth_images(2, size=16)
     assert int(fidmod.to_uint8_tensor(images * 0 + 1.001).min()) == 255  # decoder rounding overshoot: clamped
-    with pytest.raises(ValueError, match=r"expected float images in \[0, 1\], got min -0.*x / 2 \+ 0.5"):
+    with pytest.raises(ValueError, match=r"expected images as floats in \[0, 1\], got min -0.*x / 2 \+ 0.5"):
         fidmod.to_uint8_tensor(images * 2 - 1)
     with pytest.raises(ValueError, match="NaN or inf"):  # NaN would pass the range check and count as black
         fidmod.to_uint8_tensor(torch.where(images > 0.5, images, torch.nan))

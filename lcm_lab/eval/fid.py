@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from ..imaging import check_finite
+from ..imaging import unit_range
 from ..readable import reading
 from .frechet import FeatureStats, fd_between
 
@@ -130,13 +130,8 @@ def to_uint8_tensor(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
     if images.dtype == torch.uint8:
         return images
-    images = images.detach().float()
-    check_finite(images)  # NaN would pass the range check below and count as black
-    lo, hi = torch.aminmax(images)
-    if lo < -0.002 or hi > 1.002:  # under half a gray level of slack: [-1, 1] input would clamp silently
-        raise ValueError(f"expected float images in [0, 1], got min {float(lo):.4g}, max {float(hi):.4g} "
-                         "(convert [-1, 1] images with x / 2 + 0.5)")
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    images = unit_range(images.detach().float(), "images", "convert [-1, 1] images with x / 2 + 0.5")
+    return (images * 255).round().to(torch.uint8)
 
 
 class _Features(torch.nn.Module):

@@ -43,7 +43,7 @@ class LDMParts(ABC):
     schedule: NoiseSchedule
     scheduler_config: dict
     # Scheduler settings the family's stock diffusers pipeline imposes whatever the config says (none for SDXL).
-    stock_scheduler_overrides: dict = {}
+    stock_scheduler_overrides: dict  # see :func:`stock_scheduler_overrides`
 
     @property
     def sampling_config(self) -> dict:
@@ -90,12 +90,22 @@ class LDMParts(ABC):
 SD_PIPELINE_OVERRIDES = {"steps_offset": 1, "clip_sample": False}
 
 
-def stock_scheduler_overrides(folder: Path) -> dict:
-    """What the stock pipeline of an SD 1.x/2.x folder (its model_index.json ``_class_name``) imposes on the
-    scheduler config: :data:`SD_PIPELINE_OVERRIDES`, or nothing for a LatentConsistencyModelPipeline folder."""
+def pipeline_index(folder: str | os.PathLike) -> dict:
+    """A pipeline folder's ``model_index.json`` (its pipeline class and flags), or ``{}`` when it has none."""
     index = Path(folder) / "model_index.json"
-    name = read_json_object(index, "pipeline index").get("_class_name", "") if index.is_file() else ""
-    return {} if str(name).startswith("LatentConsistencyModel") else dict(SD_PIPELINE_OVERRIDES)
+    return read_json_object(index, "pipeline index") if index.is_file() else {}
+
+
+def stock_scheduler_overrides(folder: str | os.PathLike) -> dict:
+    """What the stock pipeline of a folder imposes on its scheduler config: :data:`SD_PIPELINE_OVERRIDES` for
+    StableDiffusionPipeline folders, nothing for LatentConsistencyModelPipeline (model_index.json's
+    ``_class_name``) and SDXL folders."""
+    from .sdxl import is_sdxl_dir  # sdxl builds on this module
+
+    name = str(pipeline_index(folder).get("_class_name", ""))
+    if is_sdxl_dir(folder) or name.startswith("LatentConsistencyModel"):
+        return {}
+    return dict(SD_PIPELINE_OVERRIDES)
 
 
 @dataclass

@@ -33,16 +33,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..core.schedules import NoiseSchedule
 from ..core.conditioning import Conditioning
-from ..files import read_json_object
 from ..readable import from_pretrained_complete
-from .sd import LDMParts, check_pipeline_dir, check_prompts, load_schedule, load_tokenizer
+from .sd import LDMParts, check_pipeline_dir, check_prompts, load_schedule, load_tokenizer, pipeline_index
 
 __all__ = [
     "SDXL_TEXT_PARTS",
@@ -264,6 +263,7 @@ class SDXLModel(LDMParts):
     # model_index.json's flag (StableDiffusionXLPipeline's default: True): zeros, or the encoded "", as the
     # negative branch of guidance.
     force_zeros_for_empty_prompt: bool = True
+    stock_scheduler_overrides: dict = field(default_factory=dict)  # the SDXL pipelines impose nothing
 
     def conditioning(self, prompts: Sequence[str], truncate: bool = False, image_size: int | None = None
                      ) -> Conditioning:
@@ -321,7 +321,6 @@ def load_sdxl(path: str | os.PathLike, device: str | torch.device = "cpu",
     for net in (unet, vae):
         net.to(device).eval().requires_grad_(False)
     text = load_sdxl_text(folder, device=device, dtype=dtype)
-    index_file = folder / "model_index.json"
-    index = read_json_object(index_file, "pipeline index") if index_file.is_file() else {}
+    force_zeros = bool(pipeline_index(folder).get("force_zeros_for_empty_prompt", True))
     return SDXLModel(unet, vae, text, schedule.to(device), scheduler_config, folder,
-                     force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+                     force_zeros_for_empty_prompt=force_zeros)

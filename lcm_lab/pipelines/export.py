@@ -192,14 +192,14 @@ def export_lcm_sdxl_pipeline(
     """
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
+    from ..models.sd import pipeline_index
     from ..models.sdxl import SDXL_PARTS, check_sdxl_dir, load_sdxl_text
 
     base = check_sdxl_dir(base_dir, SDXL_PARTS)
     _check_student_unets(unet, target_unet, "an LCM StableDiffusionXLPipeline",
                          "StableDiffusionXLPipeline (as a LoRA, see export_lora)")
     scheduler = _lcm_scheduler(base, original_inference_steps, timestep_scaling)
-    index_file = base / "model_index.json"
-    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    index = pipeline_index(base)
     text = load_sdxl_text(base)
     pipe = StableDiffusionXLPipeline(
         vae=AutoencoderKL.from_pretrained(base / "vae"),

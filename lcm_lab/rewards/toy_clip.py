@@ -44,10 +44,10 @@ class ToyCLIPReward(CLIPScoreReward):
                  device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
                  antialias: bool = True):
         folder = Path(path).expanduser() if path is not None else toy_clip_dir()
-        if not (folder / "open_clip_config.json").is_file() and path is not None:  # a folder the user named
+        if path is not None and not (folder / "open_clip_config.json").is_file():  # a folder the user named
             raise FileNotFoundError(f"toy-clip: {folder} is not an open_clip model folder (it needs "
                                     "open_clip_config.json and open_clip_model.safetensors, as assets/toy/reward)")
-        elif not (folder / "open_clip_config.json").is_file():
+        if not (folder / "open_clip_config.json").is_file():
             raise FileNotFoundError(
                 f"toy-clip: {folder / 'open_clip_config.json'} not found. Build the toy assets with "
                 f"`python scripts/build_toy_assets.py`, or pass the folder with `path=...` or the environment "
