@@ -428,6 +428,18 @@ def test_config_errors_are_clear(tmp_path):
                                ["data.path=/shards", "model.teacher=/sd", f"reward.mode={mode}"])
 
 
+def test_fsdp_is_refused_before_set_up(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    task = make_task(tmp_path, TOY_LRM)
+    fsdp = SimpleNamespace(gradient_accumulation_steps=1, distributed_type=DistributedType.FSDP, is_fsdp2=True)
+    with pytest.raises(ValueError, match="FSDP is not supported for this run: RG-LCD runs with DDP only"):
+        train(task.config.train, task, fsdp)
+    assert task.objective is None
+
+
 def test_clip_experts_train_on_the_raw_cosine_unless_configured():
     from lcm_lab.objectives.rg_lcd import RGLCDConfig, build_expert
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -12,8 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from lcm_lab.training import load_method_config
@@ -530,19 +533,68 @@ def test_nan_gradients_of_a_finite_loss_stop_the_run_before_the_update(tmp_path,
     assert all(torch.isfinite(p).all() for p in task.student.parameters())
 
 
-def test_sharded_or_mismatched_accelerators_are_refused_before_set_up(tmp_path):
+def test_unsupported_or_mismatched_accelerators_are_refused_before_set_up(tmp_path):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
+    def accelerator(kind, accumulation=1, **more):
+        return SimpleNamespace(gradient_accumulation_steps=accumulation, distributed_type=kind, **more)
+
     cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", tiny_overrides(tmp_path, 2))
     task = LCDTask(cfg)
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(ValueError, match=f"{kind.value} is not supported: the EMA target and the export"):
-            train(cfg.train, task, SimpleNamespace(gradient_accumulation_steps=1, distributed_type=kind))
+    with pytest.raises(ValueError, match="DEEPSPEED is not supported"):
+        train(cfg.train, task, accelerator(DistributedType.DEEPSPEED))
+    with pytest.raises(ValueError, match="FSDP needs fsdp_version: 2"):
+        train(cfg.train, task, accelerator(DistributedType.FSDP, is_fsdp2=False))
+    with pytest.raises(ValueError, match="channels_last=all cannot be used with FSDP"):
+        train(dataclasses.replace(cfg.train, channels_last="all"), task, accelerator(DistributedType.FSDP, is_fsdp2=True))
     with pytest.raises(ValueError, match="accumulates 4 micro-batches but train.gradient_accumulation_steps is 1"):
-        train(cfg.train, task, SimpleNamespace(gradient_accumulation_steps=4, distributed_type=DistributedType.NO))
+        train(cfg.train, task, accelerator(DistributedType.NO, accumulation=4))
     assert task.objective is None  # refused before any set-up
+    lora = load_method_config("lcd", REPO / "configs/toy/lcd_lora.yaml", tiny_overrides(tmp_path, 2))
+    with pytest.raises(ValueError, match="FSDP is not supported for this run: model.lora=true"):
+        train(lora.train, LCDTask(lora), accelerator(DistributedType.FSDP, is_fsdp2=True))
+
+
+def test_fsdp_follows_ddp_and_resumes_exactly(tmp_path):
+    """Two CPU ranks under FSDP2 (configs/accelerate/fsdp.yaml) against the same run under DDP: the sharded
+    student and EMA target end where DDP's do (up to the order of float sums in the gradient reduction), the
+    validation grid is the same, checkpoints hold sharded weights, and a resume from one reaches the same bits.
+    Two micro-batches per step: accelerate's no-sync path of FSDP2 too."""
+    from lcm_lab.models.sd import toy_teacher_dir
+
+    run = ["train.validation_steps=3", "train.checkpointing_steps=2", "train.gradient_accumulation_steps=2"]
+    _, _, info = run_two_cpu_ranks(tmp_path / "fsdp", "lcd", *run, fsdp=True)
+    assert info["sharded"] and info["local_fraction"] == pytest.approx(0.5, abs=0.01)
+    run_two_cpu_ranks(tmp_path / "ddp", "lcd", *run)
+    fsdp, ddp = tmp_path / "fsdp" / "run", tmp_path / "ddp" / "run"
+    assert (fsdp / "checkpoints/checkpoint-2/pytorch_model_fsdp_0").is_dir()  # the student as shards
+
+    def weights(root: Path, unet: str) -> dict[str, torch.Tensor]:
+        return load_file(root / "final/pipeline" / unet / "diffusion_pytorch_model.safetensors")
+
+    teacher = load_file(toy_teacher_dir() / "unet/diffusion_pytorch_model.safetensors")
+    for unet in ("unet", "unet_target"):  # the EMA target and the online student
+        a, b = weights(fsdp, unet), weights(ddp, unet)
+        assert a.keys() == b.keys()
+        configs = [json.loads((root / "final/pipeline" / unet / "config.json").read_text()) for root in (fsdp, ddp)]
+        assert configs[0] == configs[1]
+        shared = [k for k in a if k in teacher]
+        gap = torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
+        moved = torch.cat([(b[k] - teacher[k]).flatten() for k in shared]).norm()
+        assert moved > 0.1 and gap < 2e-3 * moved, (unet, float(gap), float(moved))
+    grids = [np.asarray(Image.open(root / "validation/step-000003.png"), dtype=np.int16) for root in (fsdp, ddp)]
+    assert np.abs(grids[0] - grids[1]).max() <= 1
+    ema = [load_file(root / "checkpoints/checkpoint-3/extra/target_ema.safetensors") for root in (fsdp, ddp)]
+    assert max(float((ema[0][k] - ema[1][k]).abs().max()) for k in ema[1]) < 1e-3
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp / "checkpoints/checkpoint-2", resumed / "run/checkpoints/checkpoint-2")
+    run_two_cpu_ranks(resumed, "lcd", *run, "train.resume_from_checkpoint=latest", fsdp=True)
+    for unet in ("unet", "unet_target"):
+        a, b = weights(fsdp, unet), weights(resumed / "run", unet)
+        assert all(torch.equal(a[k], b[k]) for k in a), unet
 
 
 def test_blown_up_weights_are_not_checkpointed(tmp_path):

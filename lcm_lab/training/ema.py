@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .sharding import copy_full_, is_sharded, reshard
+
 __all__ = ["EMA"]
 
 
@@ -26,6 +28,17 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.model = model.requires_grad_(False)
+        self.sharded = False
+        self._bind(online)
+        # Frozen weights: share storage rather than duplicating them (LoRA students).
+        for name, p in online.named_parameters():
+            if not p.requires_grad:
+                module_name, _, attr = name.rpartition(".")
+                setattr(self.model.get_submodule(module_name), attr, p)
+        with torch.no_grad():
+            torch._foreach_copy_(self._shadow, [p.detach() for p in self._online])
+
+    def _bind(self, online: torch.nn.Module) -> None:
         shadow = dict(self.model.named_parameters())
         online_params = dict(online.named_parameters())
         if shadow.keys() != online_params.keys():
@@ -33,31 +46,35 @@ class EMA:
         self.names = [n for n, p in online_params.items() if p.requires_grad]
         self._online = [online_params[n] for n in self.names]
         self._shadow = [shadow[n] for n in self.names]
-        # Frozen weights: share storage rather than duplicating them (LoRA students).
-        for name, p in online_params.items():
-            if not p.requires_grad:
-                module_name, _, attr = name.rpartition(".")
-                setattr(self.model.get_submodule(module_name), attr, p)
-        with torch.no_grad():
-            torch._foreach_copy_(self._shadow, [p.detach() for p in self._online])
+
+    def rebind(self, online: torch.nn.Module) -> None:
+        """Follow ``online`` after its parameters were replaced: FSDP shards the prepared student into new
+        ``DTensor`` parameters, and :func:`~lcm_lab.training.sharding.shard_like` the shadow model the same way,
+        so the update stays a local ``lerp`` of matching shards."""
+        reshard(self.model)
+        reshard(online)
+        self._bind(online)
+        self.sharded = is_sharded(self.model)
 
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step; one fused ``lerp`` over all tensors instead of a Python loop per parameter."""
+        if self.sharded:  # the next forward must gather the updated shards, not the weights kept from the last
+            reshard(self.model)
         torch._foreach_lerp_(self._shadow, [p.detach() for p in self._online], 1.0 - self.decay)
 
     def state_dict(self) -> dict:
         """The decay and the shadow tensors themselves (like ``Module.state_dict``: no copies, so saving a
-        checkpoint does not double the target's memory)."""
+        checkpoint does not double the target's memory); sharded ``DTensor`` s under FSDP."""
         return {"decay": self.decay, "shadow": {n: p.detach() for n, p in zip(self.names, self._shadow)}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Copy a :meth:`state_dict`'s shadow tensors in (every parameter must be there; the decay stays this
-        object's, the run's config)."""
+        """Copy a :meth:`state_dict`'s shadow tensors in: whole tensors, of which a sharded shadow takes its own
+        slice (every parameter must be there; the decay stays this object's, the run's config)."""
         shadow = state["shadow"]
         missing = set(self.names) - set(shadow)
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
         with torch.no_grad():
             for n, p in zip(self.names, self._shadow):
-                p.copy_(shadow[n])
+                copy_full_(p, shadow[n])

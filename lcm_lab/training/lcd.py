@@ -35,6 +35,7 @@ from ..objectives.lcd import LCDConfig, LCDLoss
 from ..toy.world import IMAGE_SIZE as TOY_IMAGE_SIZE
 from .data import DataConfig, StepBatchSampler, build_dataset, encode_dataset, make_dataloader, random_hflip
 from .ema import EMA
+from .sharding import gather_state, is_sharded, reshard, shard_like, unsharded_class
 from .trainer import LoopConfig, apply_channels_last, train
 
 __all__ = ["ModelConfig", "ValidationConfig", "LCDRunConfig", "LCDTask", "train_lcd"]
@@ -132,6 +133,8 @@ class LCDTask:
             w_dim = mcfg.w_embedding_dim
             self.ema = EMA(self.student, config.objective.target_ema_decay, copy.deepcopy(self.student))
         self.w_dim = w_dim
+        self.fsdp_unsupported = ("model.lora=true: a LoRA student shares its frozen base with its target, and its "
+                                 "adapters are small enough to replicate") if mcfg.lora else ""
         self.dataset = build_dataset(config.data)
         self.cache = None
         self.objective: LCDLoss | None = None
@@ -180,6 +183,14 @@ class LCDTask:
             self.cache, skipped = encode_dataset(self.dataset, self.ldm.vae, device=device,
                                                  progress=accelerator.is_local_main_process)
             self.skipped += skipped if accelerator.is_main_process else 0  # every process encodes the dataset
+
+    def prepared(self, student) -> None:
+        if self.ema is None:
+            return
+        online = self.accelerator.unwrap_model(student)
+        if is_sharded(online):
+            shard_like(self.ema.model, online)  # the target's shards match the student's: a local EMA update
+        self.ema.rebind(online)
 
     def batches(self, rank: int, start: int, *, count_skipped: bool = True):
         """The data batches of ``rank`` from micro-step ``start`` on; batches without any readable image are
@@ -272,8 +283,11 @@ class LCDTask:
     def extra_state(self) -> dict:
         state = {"counters": {"skipped_images": torch.tensor(self.skipped_total),
                               "truncated_captions": torch.tensor(self.truncated_total)}}
-        if self.ema is not None:
-            state["target_ema"] = self.ema.state_dict()["shadow"]
+        if self.ema is not None:  # whole tensors: gathered from every process's shards under FSDP
+            main = self.accelerator.is_main_process
+            shadow = gather_state(self.ema.state_dict()["shadow"].items(), keep=main)
+            if main:
+                state["target_ema"] = shadow
         return state
 
     def load_extra_state(self, state: dict) -> None:
@@ -315,26 +329,51 @@ class LCDTask:
         guidance = 1.0 if self.config.model.lora else vcfg.guidance_scale
         # No autocast: generate() casts the (possibly half-precision) text embeddings to the student's dtype, so
         # the grid shows the float32 model that is exported, and SDXL's VAE decodes in its own dtype.
-        rows = [generate(view, prompts, seeds, sampler="lcm", steps=s, guidance_scale=guidance,
-                         original_inference_steps=ocfg.num_ddim_timesteps, timestep_scaling=ocfg.timestep_scaling,
-                         image_size=self.config.data.resolution, progress=False)
-                for s in vcfg.steps]
-        view.unet.train(was_training)
+        try:  # under FSDP every process samples the same grid, each forward gathering the sharded weights
+            rows = [generate(view, prompts, seeds, sampler="lcm", steps=s, guidance_scale=guidance,
+                             original_inference_steps=ocfg.num_ddim_timesteps, timestep_scaling=ocfg.timestep_scaling,
+                             image_size=self.config.data.resolution, progress=False)
+                    for s in vcfg.steps]
+        finally:
+            view.unet.train(was_training)
+            reshard(view.unet)
         return torch.cat(rows).float().cpu(), len(prompts)
 
     def export(self, out_dir: Path) -> None:
         from ..pipelines.export import export_lcm_pipeline, export_lcm_sdxl_pipeline, export_lora
 
         ocfg = self.config.objective
-        if self.config.model.lora:
-            export_lora(out_dir / "lora", self.final_unet(), base=self.teacher_dir,
-                        original_inference_steps=ocfg.num_ddim_timesteps, timestep_scaling=ocfg.timestep_scaling)
+        if self.config.model.lora:  # never sharded (fsdp_unsupported)
+            if self.accelerator.is_main_process:
+                export_lora(out_dir / "lora", self.final_unet(), base=self.teacher_dir,
+                            original_inference_steps=ocfg.num_ddim_timesteps, timestep_scaling=ocfg.timestep_scaling)
             return
-        online = self.accelerator.unwrap_model(self.student)
-        main, other = (self.ema.model, online) if self.config.model.export_unet == "target" else (online, self.ema.model)
+        online = self._whole(self.accelerator.unwrap_model(self.student))
+        target = self._whole(self.ema.model)
+        if not self.accelerator.is_main_process:
+            return
+        main, other = (target, online) if self.config.model.export_unet == "target" else (online, target)
         exporter = export_lcm_sdxl_pipeline if self.sdxl else export_lcm_pipeline
         exporter(out_dir / "pipeline", self.teacher_dir, main, target_unet=other,
                  original_inference_steps=ocfg.num_ddim_timesteps, timestep_scaling=ocfg.timestep_scaling)
+
+
+    def _whole(self, unet: torch.nn.Module) -> torch.nn.Module | None:
+        """``unet`` itself, or under FSDP an unsharded copy on the main process (None on the others): its
+        weights are gathered from every process, one tensor at a time, so every process must call this."""
+        if not is_sharded(unet):
+            return unet
+        from accelerate import init_empty_weights
+
+        reshard(unet)
+        main = self.accelerator.is_main_process
+        state = gather_state(unet.state_dict().items(), keep=main)
+        if not main:
+            return None
+        with init_empty_weights(include_buffers=False):  # no random initialisation of weights about to be replaced
+            whole = unsharded_class(unet).from_config(unet.config)
+        whole.load_state_dict(state, assign=True)
+        return whole
 
 
 def train_lcd(config: LCDRunConfig) -> Path:

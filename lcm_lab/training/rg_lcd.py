@@ -65,6 +65,7 @@ class RGLCDTask(LCDTask):
         self.expert = None  # built in setup, on the device
         self.lrm: LatentRewardModel | None = None
         self.lrm_trainer: LRMTrainer | None = None
+        self.fsdp_unsupported = "RG-LCD runs with DDP only (its reward proxy beside a sharded student is not built)"
         self._pending: dict | None = None
         self._lrm_started = False
         if rcfg.mode == "lrm":
@@ -184,7 +185,7 @@ class RGLCDTask(LCDTask):
 
     def export(self, out_dir: Path) -> None:
         super().export(out_dir)
-        if self.lrm is not None:
+        if self.lrm is not None and self.accelerator.is_main_process:
             write_folder_atomically(out_dir / "lrm", self.lrm.save_pretrained)
 
 

@@ -5,9 +5,12 @@ and later objectives plug into :func:`train` unchanged. The loop owns what is co
 mixed precision, the optimizer and LR schedule, gradient accumulation and clipping, deterministic
 per-step randomness, checkpoints and ``resume latest``, logging, validation grids, and export.
 
-Randomness is a function of ``(seed, rank, step)``: the data sampler and the per-step
-``torch.Generator`` handed to the task are re-derived from the step number, so a resumed run continues
-exactly like an uninterrupted one and ranks see different data.
+Several processes run as DDP (replicated student) or FSDP2 (sharded student; the task shards what follows it,
+see :mod:`~lcm_lab.training.sharding`).
+
+Randomness is a function of ``(seed, rank, step)``: the data sampler and the per-step ``torch.Generator``
+handed to the task are re-derived from the step number, so a resumed run continues exactly like an
+uninterrupted one and ranks see different data.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (check_resumable, checkpoint_dirs, find_checkpoint, load_checkpoint,
                          recover_interrupted_swap, save_checkpoint)
+from .sharding import full_tensor, local
 
 __all__ = ["LoopConfig", "Task", "train", "step_generator", "apply_channels_last"]
 
@@ -103,10 +107,15 @@ class Task(Protocol):
     """What a method provides to :func:`train`."""
 
     student: torch.nn.Module  # the trained network (its trainable parameters are optimised)
+    fsdp_unsupported: str  # why this run cannot train under FSDP, or "" when it can
 
     def setup(self, accelerator, channels_last: str) -> None:
         """Move networks to the device (frozen ones in the mixed-precision dtype, the memory layout per
         :func:`apply_channels_last`); build anything device-bound."""
+
+    def prepared(self, student: torch.nn.Module) -> None:
+        """Once accelerate prepared ``student`` (under FSDP its parameters are now sharded): re-bind anything
+        that holds them (the EMA target), before a checkpoint is loaded."""
 
     def batches(self, rank: int, start: int):
         """Iterator over micro-batches, the first being micro-step ``start`` of this rank."""
@@ -119,16 +128,18 @@ class Task(Protocol):
         process, and may use collectives (an override must call its base on every process too)."""
 
     def extra_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Tensors to checkpoint besides the student/optimizer (e.g. the EMA target); called on the main
-        process only."""
+        """Tensors to checkpoint besides the student/optimizer (e.g. the EMA target), whole (not sharded).
+        Called on every process (gathering shards is collective); only the main process's result is written."""
 
     def load_extra_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None: ...
 
     def validation_images(self) -> tuple[torch.Tensor, int]:
-        """A grid's worth of images [N, 3, H, W] in [0, 1] from the current model, and the images per row."""
+        """A grid's worth of images [N, 3, H, W] in [0, 1] from the current model, and the images per row.
+        Called on every process, with the same result on each."""
 
     def export(self, out_dir: Path) -> None:
-        """Write the final model(s) in a stock format."""
+        """Write the final model(s) in a stock format. Called on every process (gathering shards is
+        collective); only the main process writes."""
 
     def summary(self) -> str:
         """A line said once at the end of the run (e.g. what the data skipped), or ``""``; every process
@@ -216,7 +227,8 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
     fresh run into a folder holding checkpoints, and a resume with another process count, batch size,
     accumulation or seed, or from a step past ``max_steps``, are refused before the task's set-up. A resume
     takes this run's learning rate and AdamW settings (the restored optimizer would bring back the
-    checkpoint's), and says so when they differ.
+    checkpoint's), and says so when they differ. DeepSpeed, FSDP1, and FSDP for a task that cannot shard
+    (``task.fsdp_unsupported``) are refused before the set-up too.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -234,11 +246,21 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
     if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
         raise ValueError(f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
                          f"train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps}")
-    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # The EMA target, the gradient clipping and the export read the student's full, unsharded parameters.
-        raise ValueError(f"{accelerator.distributed_type.value} is not supported: the EMA target and the export "
-                         "need the student's full parameters on every process. Use DDP "
-                         "(configs/accelerate/multi_gpu.yaml) with gradient checkpointing and mixed precision.")
+    kind = accelerator.distributed_type.value
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise ValueError(f"{kind} is not supported: lcm_lab's EMA target, checkpoints and export follow DDP's "
+                         "replicated or FSDP's sharded parameters. Use DDP (configs/accelerate/multi_gpu.yaml) or "
+                         "FSDP (configs/accelerate/fsdp.yaml).")
+    if kind == "FSDP":
+        if task.fsdp_unsupported:
+            raise ValueError(f"FSDP is not supported for this run: {task.fsdp_unsupported}. Use DDP "
+                             "(configs/accelerate/multi_gpu.yaml) with gradient checkpointing and mixed precision.")
+        if cfg.channels_last == "all":
+            raise ValueError("train.channels_last=all cannot be used with FSDP, which shards contiguous (NCHW) "
+                             "weights only: use 'frozen' (the default; the replicated teacher) or 'none'")
+        if not accelerator.is_fsdp2:
+            raise ValueError("FSDP needs fsdp_version: 2 in the accelerate config (PyTorch's fully_shard; "
+                             "see configs/accelerate/fsdp.yaml)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != accelerator.num_processes:
         raise ValueError(
@@ -294,6 +316,9 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_steps * accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    # FSDP replaces the parameters by sharded ones (and points the optimizer at them): read them again.
+    params = [p for p in student.parameters() if p.requires_grad]
+    task.prepared(student)
 
     if path is not None:
         load_checkpoint(accelerator, path, task.load_extra_state)
@@ -325,7 +350,7 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
                     # With clipping off the norm is still taken (an infinite bound scales by 1), so that a
                     # non-finite gradient stops the run before the update instead of one step later.
                     bound = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-                    grad_norm = float(accelerator.clip_grad_norm_(params, bound))
+                    grad_norm = float(full_tensor(accelerator.clip_grad_norm_(params, bound)))
                     # fp16's loss scaler skips steps with inf gradients by design; otherwise they are a fault.
                     if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":
                         raise FloatingPointError(
@@ -344,11 +369,11 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
             accelerator.log(sums, step=done)
             bar.set_postfix({k: f"{v:.4g}" for k, v in sums.items() if k in ("loss", "grad_norm")})
         if done % cfg.checkpointing_steps == 0 or done == cfg.max_steps:
-            if not all(torch.isfinite(p).all() for p in params):  # a finite loss can still blow the weights up
+            if not _all_finite(params, accelerator):  # a finite loss can still blow the weights up
                 raise FloatingPointError(
                     f"non-finite student weights after step {done}: not saved; {_kept(ckpt_root)}. Lower "
                     "train.learning_rate or set train.max_grad_norm.")
-            extra = task.extra_state() if accelerator.is_main_process else {}  # only the main process writes them
+            extra = task.extra_state()  # on every process (gathers under FSDP); the main process writes it
             save_checkpoint(accelerator, ckpt_root, done, extra, cfg.checkpoints_total_limit, layout)
         if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_steps):
             _validate(accelerator, task, out, done)
@@ -357,8 +382,7 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
     if summary:
         accelerator.print(summary)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        task.export(out / "final")
+    task.export(out / "final")  # on every process (gathers under FSDP); the main process writes
     accelerator.end_training()
     return out
 
@@ -397,13 +421,20 @@ def _apply_optimizer_settings(optimizer, lr_scheduler, cfg: LoopConfig, say: Cal
         say("resumed with " + ", ".join(f"{k}={new} (the checkpoint's: {old})" for k, (old, new) in changed.items()))
 
 
+def _all_finite(params: list[torch.Tensor], accelerator) -> bool:
+    """Whether every weight is finite on every process (each checks its own shards under FSDP)."""
+    bad = torch.tensor(float(not all(torch.isfinite(local(p)).all() for p in params)), device=accelerator.device)
+    return float(accelerator.reduce(bad, reduction="sum")) == 0
+
+
 def _validate(accelerator, task: Task, out: Path, step: int) -> None:
-    """Save (and log) a grid of the current model's samples; main process only."""
-    if not accelerator.is_main_process:
-        return
+    """Save (and log) a grid of the current model's samples. Every process samples (under FSDP each forward
+    pass gathers weights from all of them); the main process writes."""
     from ..imaging import save_grid
 
     images, nrow = task.validation_images()
+    if not accelerator.is_main_process:
+        return
     save_grid(images, out / "validation" / f"step-{step:06d}.png", nrow=nrow, scale=2)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
