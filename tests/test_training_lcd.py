@@ -27,7 +27,7 @@ from lcm_lab.training.lcd import LCDTask
 from lcm_lab.training.trainer import train
 
 from helpers.tiny_run import tiny_overrides
-from helpers.two_ranks import run_two_cpu_ranks
+from helpers.two_ranks import launch_two_cpu_ranks, run_two_cpu_ranks
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -549,6 +549,14 @@ def test_unsupported_or_mismatched_accelerators_are_refused_before_set_up(tmp_pa
         train(cfg.train, task, accelerator(DistributedType.FSDP, is_fsdp2=False))
     with pytest.raises(ValueError, match="channels_last=all cannot be used with FSDP"):
         train(dataclasses.replace(cfg.train, channels_last="all"), task, accelerator(DistributedType.FSDP, is_fsdp2=True))
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    for plugin, refused in ((dict(cpu_offload=CPUOffloadPolicy(), activation_checkpointing=False), "fsdp_offload_params"),
+                            (dict(cpu_offload=OffloadPolicy(), activation_checkpointing=True),
+                             "fsdp_activation_checkpointing")):
+        state = SimpleNamespace(fsdp_plugin=SimpleNamespace(**plugin))
+        with pytest.raises(ValueError, match=f"{refused}: true is not supported"):
+            train(cfg.train, task, accelerator(DistributedType.FSDP, is_fsdp2=True, state=state))
     with pytest.raises(ValueError, match="accumulates 4 micro-batches but train.gradient_accumulation_steps is 1"):
         train(cfg.train, task, accelerator(DistributedType.NO, accumulation=4))
     assert task.objective is None  # refused before any set-up
@@ -595,6 +603,17 @@ def test_fsdp_follows_ddp_and_resumes_exactly(tmp_path):
     for unet in ("unet", "unet_target"):
         a, b = weights(fsdp, unet), weights(resumed / "run", unet)
         assert all(torch.equal(a[k], b[k]) for k in a), unet
+
+
+def test_a_nan_loss_on_one_rank_stops_both(tmp_path):
+    """Every rank stops, with the error, at the step whose loss is non-finite on any of them (before, only that
+    rank raised; the launcher then killed the other one wherever it was)."""
+    proc = launch_two_cpu_ranks(tmp_path, "lcd", "train.checkpointing_steps=1", timeout=300,
+                                LCM_LAB_TEST_NAN_AT="1:2")
+    assert proc.returncode != 0
+    assert "non-finite loss (nan) at step 1; the last checkpoint" in proc.stderr
+    assert "non-finite loss (on another process) at step 1" in proc.stderr
+    assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == ["checkpoint-1"]
 
 
 def test_blown_up_weights_are_not_checkpointed(tmp_path):

@@ -328,7 +328,8 @@ class LCDTask:
         seeds = [vcfg.seed + i for i in range(len(prompts))]
         guidance = 1.0 if self.config.model.lora else vcfg.guidance_scale
         # No autocast: generate() casts the (possibly half-precision) text embeddings to the student's dtype, so
-        # the grid shows the float32 model that is exported, and SDXL's VAE decodes in its own dtype.
+        # the grid shows the float32 model that is exported (under FSDP mixed precision, the online student's
+        # weights are gathered in the compute dtype), and SDXL's VAE decodes in its own dtype.
         try:  # under FSDP every process samples the same grid, each forward gathering the sharded weights
             rows = [generate(view, prompts, seeds, sampler="lcm", steps=s, guidance_scale=guidance,
                              original_inference_steps=ocfg.num_ddim_timesteps, timestep_scaling=ocfg.timestep_scaling,

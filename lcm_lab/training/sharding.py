@@ -27,8 +27,8 @@ def is_sharded(module: torch.nn.Module) -> bool:
 
 
 def shard_like(module: torch.nn.Module, reference: torch.nn.Module) -> None:
-    """Shard ``module`` in place exactly as ``reference`` (same architecture and parameter names) is sharded:
-    the same units on the same device mesh, so that every parameter's local shard covers the same slice in
+    """Shard ``module`` in place into the units of ``reference`` (same architecture and parameter names), on the
+    same device mesh, so that every parameter's local shard covers the same slice in
     both (FSDP2 shards each tensor along dim 0, whatever the unit it belongs to). Channels-last weights are
     made contiguous first: ``fully_shard`` takes no other layout."""
     units = [name for name, m in reference.named_modules() if isinstance(m, FSDPModule)]

@@ -135,7 +135,7 @@ class Task(Protocol):
 
     def validation_images(self) -> tuple[torch.Tensor, int]:
         """A grid's worth of images [N, 3, H, W] in [0, 1] from the current model, and the images per row.
-        Called on every process, with the same result on each."""
+        Called on the main process, and under FSDP on every process (with the same result on each)."""
 
     def export(self, out_dir: Path) -> None:
         """Write the final model(s) in a stock format. Called on every process (gathering shards is
@@ -261,6 +261,7 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
         if not accelerator.is_fsdp2:
             raise ValueError("FSDP needs fsdp_version: 2 in the accelerate config (PyTorch's fully_shard; "
                              "see configs/accelerate/fsdp.yaml)")
+        _check_fsdp_plugin(accelerator.state.fsdp_plugin)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != accelerator.num_processes:
         raise ValueError(
@@ -315,6 +316,8 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_steps * accelerator.num_processes)
+    if kind == "FSDP" and accelerator.mixed_precision != "no":
+        _fsdp_float32_gradients(accelerator)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     # FSDP replaces the parameters by sharded ones (and points the optimizer at them): read them again.
     params = [p for p in student.parameters() if p.requires_grad]
@@ -342,8 +345,9 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
             batch = next(data)
             with accelerator.accumulate(student):
                 loss, step_logs = task.loss(student, batch, step_generator(cfg.seed, rank, step * accum + micro))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}; {_kept(ckpt_root)}. "
+                if not _finite_everywhere(loss, accelerator):
+                    value = loss.item() if not torch.isfinite(loss) else "on another process"
+                    raise FloatingPointError(f"non-finite loss ({value}) at step {step}; {_kept(ckpt_root)}. "
                                              "Lower train.learning_rate or check the data.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -421,6 +425,39 @@ def _apply_optimizer_settings(optimizer, lr_scheduler, cfg: LoopConfig, say: Cal
         say("resumed with " + ", ".join(f"{k}={new} (the checkpoint's: {old})" for k, (old, new) in changed.items()))
 
 
+def _check_fsdp_plugin(plugin) -> None:
+    """Refuse the FSDP options the task's sharded EMA target does not follow."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+        raise ValueError("fsdp_offload_params: true is not supported (the EMA target's shards would stay on the "
+                         "accelerator while the student's move to the CPU); set it to false")
+    if plugin.activation_checkpointing:
+        raise ValueError("fsdp_activation_checkpointing: true is not supported (it renames the student's modules, "
+                         "which its EMA target follows by name); set train.gradient_checkpointing=true instead")
+
+
+def _fsdp_float32_gradients(accelerator) -> None:
+    """Under FSDP mixed precision, reduce (and accumulate) gradients in float32 as DDP does, not in the compute
+    dtype accelerate's default policy uses for both; the gathered weights stay in the compute dtype."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
+    accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=dtype,
+                                                                               reduce_dtype=torch.float32)
+
+
+def _finite_everywhere(loss: torch.Tensor, accelerator) -> bool:
+    """Whether the loss is finite on every process: all of them stop at the same point with the error, or none
+    (one stopping alone leaves the others blocked in the gradient reduction until the launcher kills them,
+    wherever they are)."""
+    finite = bool(torch.isfinite(loss.detach()))
+    if accelerator.num_processes > 1:
+        bad = torch.tensor(float(not finite), device=accelerator.device)
+        finite = float(accelerator.reduce(bad, reduction="sum")) == 0
+    return finite
+
+
 def _all_finite(params: list[torch.Tensor], accelerator) -> bool:
     """Whether every weight is finite on every process (each checks its own shards under FSDP)."""
     bad = torch.tensor(float(not all(torch.isfinite(local(p)).all() for p in params)), device=accelerator.device)
@@ -428,10 +465,12 @@ def _all_finite(params: list[torch.Tensor], accelerator) -> bool:
 
 
 def _validate(accelerator, task: Task, out: Path, step: int) -> None:
-    """Save (and log) a grid of the current model's samples. Every process samples (under FSDP each forward
-    pass gathers weights from all of them); the main process writes."""
+    """Save (and log) a grid of the current model's samples from the main process; under FSDP every process
+    samples (each forward pass gathers the weights from all of them)."""
     from ..imaging import save_grid
 
+    if not accelerator.is_main_process and accelerator.distributed_type.value != "FSDP":
+        return
     images, nrow = task.validation_images()
     if not accelerator.is_main_process:
         return

@@ -65,8 +65,17 @@ first = {}
 task_loss = task.loss
 
 
+# "RANK:CALL": that rank's loss is NaN from its CALL-th loss on
+nan_rank, nan_call = map(int, os.environ.get("LCM_LAB_TEST_NAN_AT", "-1:0").split(":"))
+calls = 0
+
+
 def recording_loss(student, batch, generator):  # what this rank actually trains on
+    global calls
     loss, logs = task_loss(student, batch, generator)
+    calls += 1
+    if task.accelerator.process_index == nan_rank and calls >= nan_call:
+        loss = loss * float("nan")
     if not first:
         first.update(texts=list(batch[2] if isinstance(batch, tuple) else batch["text"]), loss=float(loss))
     return loss, logs

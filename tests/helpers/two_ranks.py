@@ -20,23 +20,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_cpu_ranks(out: Path, method: str, *overrides: str,
-                      fsdp: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """Train ``method`` ("lcd" or "rg_lcd") for a few steps on two gloo ranks (``overrides``: ``key=value``);
-    returns rank 0's and rank 1's parameters (their shards with ``fsdp``) and rank 0's ``ranks.json``, with
-    ``batches_differ`` / ``losses_differ``: whether the first micro-batches the two ranks trained on had
-    different captions / losses. The run's folder is ``out / "run"``.
+def launch_two_cpu_ranks(out: Path, method: str, *overrides: str, fsdp: bool = False, timeout: float = 600,
+                         **env: str) -> subprocess.CompletedProcess:
+    """Run tests/helpers/ddp_lcd.py on two gloo ranks (``overrides``: ``key=value``; ``env``: extra variables).
 
     ``accelerate launch --cpu --num_processes 2`` silently runs one process, hence ``--multi_gpu`` with
     ``ACCELERATE_USE_CPU``; ``fsdp`` launches with configs/accelerate/fsdp.yaml instead.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="1",
+               **env)
     layout = (["--config_file", str(REPO / "configs" / "accelerate" / "fsdp.yaml")] if fsdp
               else ["--multi_gpu", "--num_machines", "1"])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *layout, "--num_processes", "2",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(REPO / "tests" / "helpers" / "ddp_lcd.py"), str(out), method, *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # two processes on a busy 2-core machine
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_two_cpu_ranks(out: Path, method: str, *overrides: str,
+                      fsdp: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """Train ``method`` ("lcd" or "rg_lcd") for a few steps on two gloo ranks (:func:`launch_two_cpu_ranks`);
+    returns rank 0's and rank 1's parameters (their shards with ``fsdp``) and rank 0's ``ranks.json``, with
+    ``batches_differ`` / ``losses_differ``: whether the first micro-batches the two ranks trained on had
+    different captions / losses. The run's folder is ``out / "run"``.
+    """
+    proc = launch_two_cpu_ranks(out, method, *overrides, fsdp=fsdp)  # two processes on a busy 2-core machine
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((out / "ranks.json").read_text())
     first = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
