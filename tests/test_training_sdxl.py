@@ -12,14 +12,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 
 from lcm_lab.training import load_method_config
 from lcm_lab.training.lcd import LCDTask
 from lcm_lab.training.trainer import train
 
 from helpers.tiny_run import tiny_overrides
+from helpers.two_ranks import run_two_cpu_ranks
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -300,3 +304,24 @@ def test_full_lcd_under_mixed_precision(teacher, teacher_dir, data_dir, tmp_path
         assert task.ldm.vae.dtype == torch.float32  # force_upcast: SDXL's VAE overflows in half precision
     assert (tmp_path / "validation" / "step-000002.png").is_file()
     assert (tmp_path / "final" / "pipeline" / "unet").is_dir()
+
+
+def test_full_lcd_on_sdxl_teacher_under_fsdp_follows_ddp(teacher_dir, data_dir, tmp_path):
+    """The SDXL student (added time ids and pooled text) sharded on two CPU ranks (configs/accelerate/fsdp.yaml)
+    ends where DDP's does, up to the float-sum order of the gradient reduction, and validates alike."""
+    run = [f"model.teacher={teacher_dir}", "data.type=folder", f"data.path={data_dir}", f"data.resolution={R}",
+           "data.cache_latents=false", "train.batch_size=2", "train.validation_steps=3",
+           f'validation.prompts=["{PROMPT}"]', "validation.steps=[1, 2]"]
+    _, _, info = run_two_cpu_ranks(tmp_path / "fsdp", "lcd", *run, fsdp=True)
+    assert info["sharded"]
+    run_two_cpu_ranks(tmp_path / "ddp", "lcd", *run)
+    teacher = load_file(teacher_dir / "unet/diffusion_pytorch_model.safetensors")
+    for unet in ("unet", "unet_target"):
+        a, b = (load_file(tmp_path / mode / "run/final/pipeline" / unet / "diffusion_pytorch_model.safetensors")
+                for mode in ("fsdp", "ddp"))
+        gap = torch.cat([(a[k] - b[k]).flatten() for k in b]).norm()
+        moved = torch.cat([(b[k] - teacher[k]).flatten() for k in b if k in teacher]).norm()
+        assert moved > 0 and gap < 2e-3 * moved, (unet, float(gap), float(moved))
+    grids = [np.asarray(Image.open(tmp_path / mode / "run/validation/step-000003.png"), dtype=np.int16)
+             for mode in ("fsdp", "ddp")]
+    assert np.abs(grids[0] - grids[1]).max() <= 1
