@@ -15,6 +15,7 @@ uninterrupted one and ranks see different data.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -317,7 +318,7 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_steps * accelerator.num_processes)
     if kind == "FSDP" and accelerator.mixed_precision != "no":
-        _fsdp_float32_gradients(accelerator)
+        _fsdp_float32_gradients(accelerator.state.fsdp_plugin, accelerator.mixed_precision)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     # FSDP replaces the parameters by sharded ones (and points the optimizer at them): read them again.
     params = [p for p in student.parameters() if p.requires_grad]
@@ -345,8 +346,11 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
             batch = next(data)
             with accelerator.accumulate(student):
                 loss, step_logs = task.loss(student, batch, step_generator(cfg.seed, rank, step * accum + micro))
-                if not _finite_everywhere(loss, accelerator):
-                    value = loss.item() if not torch.isfinite(loss) else "on another process"
+                finite = bool(torch.isfinite(loss.detach()))
+                # All processes stop at the same point with the error, or none: one stopping alone leaves the
+                # others blocked in the gradient reduction until the launcher kills them, wherever they are.
+                if not _everywhere(finite, accelerator):
+                    value = "on another process" if finite else loss.item()
                     raise FloatingPointError(f"non-finite loss ({value}) at step {step}; {_kept(ckpt_root)}. "
                                              "Lower train.learning_rate or check the data.")
                 accelerator.backward(loss)
@@ -373,7 +377,8 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
             accelerator.log(sums, step=done)
             bar.set_postfix({k: f"{v:.4g}" for k, v in sums.items() if k in ("loss", "grad_norm")})
         if done % cfg.checkpointing_steps == 0 or done == cfg.max_steps:
-            if not _all_finite(params, accelerator):  # a finite loss can still blow the weights up
+            # A finite loss can still blow the weights up; under FSDP each process checks its own shards.
+            if not _everywhere(all(torch.isfinite(local(p)).all() for p in params), accelerator):
                 raise FloatingPointError(
                     f"non-finite student weights after step {done}: not saved; {_kept(ckpt_root)}. Lower "
                     "train.learning_rate or set train.max_grad_norm.")
@@ -437,39 +442,34 @@ def _check_fsdp_plugin(plugin) -> None:
                          "which its EMA target follows by name); set train.gradient_checkpointing=true instead")
 
 
-def _fsdp_float32_gradients(accelerator) -> None:
-    """Under FSDP mixed precision, reduce (and accumulate) gradients in float32 as DDP does, not in the compute
-    dtype accelerate's default policy uses for both; the gathered weights stay in the compute dtype."""
+def _fsdp_float32_gradients(plugin, mixed_precision: str) -> None:
+    """Under FSDP mixed precision, reduce (and accumulate) gradients in float32 as DDP does: accelerate's default
+    policy reduces them in the compute dtype. Its other settings (the student's weights gathered in the compute
+    dtype) are kept."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
-    accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=dtype,
-                                                                               reduce_dtype=torch.float32)
+    policy = plugin.mixed_precision_policy
+    if policy is None:
+        policy = MixedPrecisionPolicy(param_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision])
+    plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=torch.float32)
 
 
-def _finite_everywhere(loss: torch.Tensor, accelerator) -> bool:
-    """Whether the loss is finite on every process: all of them stop at the same point with the error, or none
-    (one stopping alone leaves the others blocked in the gradient reduction until the launcher kills them,
-    wherever they are)."""
-    finite = bool(torch.isfinite(loss.detach()))
-    if accelerator.num_processes > 1:
-        bad = torch.tensor(float(not finite), device=accelerator.device)
-        finite = float(accelerator.reduce(bad, reduction="sum")) == 0
-    return finite
-
-
-def _all_finite(params: list[torch.Tensor], accelerator) -> bool:
-    """Whether every weight is finite on every process (each checks its own shards under FSDP)."""
-    bad = torch.tensor(float(not all(torch.isfinite(local(p)).all() for p in params)), device=accelerator.device)
+def _everywhere(ok: bool, accelerator) -> bool:
+    """Whether ``ok`` holds on every process (one scalar all-reduce when there are several)."""
+    if accelerator.num_processes == 1:
+        return ok
+    bad = torch.tensor(float(not ok), device=accelerator.device)
     return float(accelerator.reduce(bad, reduction="sum")) == 0
 
 
 def _validate(accelerator, task: Task, out: Path, step: int) -> None:
     """Save (and log) a grid of the current model's samples from the main process; under FSDP every process
     samples (each forward pass gathers the weights from all of them)."""
+    from accelerate.utils import DistributedType
+
     from ..imaging import save_grid
 
-    if not accelerator.is_main_process and accelerator.distributed_type.value != "FSDP":
+    if not accelerator.is_main_process and accelerator.distributed_type != DistributedType.FSDP:
         return
     images, nrow = task.validation_images()
     if not accelerator.is_main_process:

@@ -8,7 +8,9 @@ launcher configured (from its ``FSDP_*`` variables), as accelerate does on GPUs.
 
 Writes each rank's student (and, for rg_lcd, latent reward model) parameters to OUT/rank<r>.safetensors, the
 captions and loss of the first micro-batch that rank trained on to OUT/rank<r>.json, and, from rank 0,
-OUT/ranks.json (world size, whether training changed the weights).
+OUT/ranks.json (world size, whether training changed the weights). A rank stopped by a non-finite loss writes
+its error to OUT/rank<r>.error (``LCM_LAB_TEST_NAN_AT=RANK:CALL`` makes that rank's loss NaN from its CALL-th
+loss on).
 """
 
 import json
@@ -82,7 +84,11 @@ def recording_loss(student, batch, generator):  # what this rank actually trains
 
 
 task.loss = recording_loss
-train(cfg.train, task, accelerator)
+try:
+    train(cfg.train, task, accelerator)
+except FloatingPointError as e:  # kept in a file: the launcher may kill this rank before stderr is read
+    (out / f"rank{task.accelerator.process_index}.error").write_text(str(e))
+    raise
 rank = task.accelerator.process_index
 after = {net: parameters(net) for net in nets}
 save_file({k: v for params in after.values() for k, v in params.items()}, out / f"rank{rank}.safetensors")

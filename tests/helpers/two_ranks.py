@@ -21,20 +21,20 @@ def free_port() -> int:
 
 
 def launch_two_cpu_ranks(out: Path, method: str, *overrides: str, fsdp: bool = False, timeout: float = 600,
-                         **env: str) -> subprocess.CompletedProcess:
+                         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run tests/helpers/ddp_lcd.py on two gloo ranks (``overrides``: ``key=value``; ``env``: extra variables).
 
     ``accelerate launch --cpu --num_processes 2`` silently runs one process, hence ``--multi_gpu`` with
     ``ACCELERATE_USE_CPU``; ``fsdp`` launches with configs/accelerate/fsdp.yaml instead.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="1",
-               **env)
+    variables = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+                 "ACCELERATE_USE_CPU": "1", **(env or {})}
     layout = (["--config_file", str(REPO / "configs" / "accelerate" / "fsdp.yaml")] if fsdp
               else ["--multi_gpu", "--num_machines", "1"])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *layout, "--num_processes", "2",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(REPO / "tests" / "helpers" / "ddp_lcd.py"), str(out), method, *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=variables, capture_output=True, text=True, timeout=timeout)
 
 
 def run_two_cpu_ranks(out: Path, method: str, *overrides: str,
