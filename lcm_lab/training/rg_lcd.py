@@ -65,7 +65,6 @@ class RGLCDTask(LCDTask):
         self.expert = None  # built in setup, on the device
         self.lrm: LatentRewardModel | None = None
         self.lrm_trainer: LRMTrainer | None = None
-        self.fsdp_unsupported = "RG-LCD runs with DDP only (its reward proxy beside a sharded student is not built)"
         self._pending: dict | None = None
         self._lrm_started = False
         if rcfg.mode == "lrm":

@@ -30,6 +30,7 @@ from lcm_lab.training.trainer import train
 REPO = Path(__file__).resolve().parents[2]
 
 out = Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
 method = sys.argv[2] if len(sys.argv) > 2 else "lcd"
 overrides = [f"train.output_dir={out / 'run'}", "train.max_steps=3", "train.batch_size=4", "train.learning_rate=1e-3",
              "train.lr_warmup_steps=0", "train.report_to=none", "train.validation_steps=0", "train.progress=false",
@@ -63,6 +64,8 @@ def parameters(net: str) -> dict[str, torch.Tensor]:
 
 
 before = {net: parameters(net) for net in nets}
+if "lrm" in nets and os.environ.get("RANK", "0") == "0":  # the replicated proxy's initial weights
+    save_file(before["lrm"], out / "lrm_initial.safetensors")
 first = {}
 task_loss = task.loss
 
