@@ -50,7 +50,7 @@ def _process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except (OSError, OverflowError):  # alive under another user, or not a pid: leave its folder alone
-        pass
+        return True
     return True
 
 

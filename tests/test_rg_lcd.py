@@ -18,7 +18,7 @@ from lcm_lab.training.rg_lcd import RGLCDTask
 from lcm_lab.training.trainer import step_generator, train
 
 from helpers.tiny_run import tiny_overrides as _tiny_overrides
-from helpers.two_ranks import run_two_cpu_ranks
+from helpers.two_ranks import exported_unet, relative_gap, run_two_cpu_ranks
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -245,20 +245,12 @@ def test_fsdp_follows_ddp(tmp_path):
     assert info["sharded"]
     lrm = [k for k in d0 if k.startswith("lrm.")]
     assert all(torch.equal(f0[k], f1[k]) for k in lrm)
-
-    def distance(a: dict, b: dict, start: dict, keys) -> float:  # |a - b| / |b - start|
-        keys = [k for k in keys if k in start]
-        return float(torch.cat([(a[k] - b[k]).flatten() for k in keys]).norm()
-                     / torch.cat([(b[k] - start[k]).flatten() for k in keys]).norm())
-
-    proxy = distance(f0, d0, load_file(tmp_path / "ddp" / "lrm_initial.safetensors"), lrm)
+    proxy = relative_gap(f0, d0, load_file(tmp_path / "ddp" / "lrm_initial.safetensors"), lrm)
     print(f"RG-LCD lrm: |FSDP - DDP| / |DDP - initial| = {proxy:.2g}")  # benchmarks/RESULTS.md
     assert proxy < 0.03
     teacher = load_file(toy_teacher_dir() / "unet/diffusion_pytorch_model.safetensors")
     for unet in ("unet", "unet_target"):
-        a, b = (load_file(tmp_path / mode / "run/final/pipeline" / unet / "diffusion_pytorch_model.safetensors")
-                for mode in ("fsdp", "ddp"))
-        student = distance(a, b, teacher, b.keys())
+        student = relative_gap(*(exported_unet(tmp_path / mode / "run", unet) for mode in ("fsdp", "ddp")), teacher)
         print(f"RG-LCD {unet}: |FSDP - DDP| / |DDP - teacher| = {student:.2g}")
         assert student < 2e-3, unet
 

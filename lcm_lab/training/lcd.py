@@ -188,8 +188,7 @@ class LCDTask:
         if self.ema is None:
             return
         online = self.accelerator.unwrap_model(student)
-        if is_sharded(online):
-            shard_like(self.ema.model, online)  # the target's shards match the student's: a local EMA update
+        shard_like(self.ema.model, online)  # under FSDP: the target's shards match the student's (a local update)
         self.ema.rebind(online)
 
     def batches(self, rank: int, start: int, *, count_skipped: bool = True):
@@ -357,7 +356,6 @@ class LCDTask:
         exporter = export_lcm_sdxl_pipeline if self.sdxl else export_lcm_pipeline
         exporter(out_dir / "pipeline", self.teacher_dir, main, target_unet=other,
                  original_inference_steps=ocfg.num_ddim_timesteps, timestep_scaling=ocfg.timestep_scaling)
-
 
     def _whole(self, unet: torch.nn.Module) -> torch.nn.Module | None:
         """``unet`` itself, or under FSDP an unsharded copy on the main process (None on the others): its

@@ -318,7 +318,7 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_steps * accelerator.num_processes)
     if kind == "FSDP" and accelerator.mixed_precision != "no":
-        _fsdp_float32_gradients(accelerator.state.fsdp_plugin, accelerator.mixed_precision)
+        _fsdp_float32_gradients(accelerator.state.fsdp_plugin)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     # FSDP replaces the parameters by sharded ones (and points the optimizer at them): read them again.
     params = [p for p in student.parameters() if p.requires_grad]
@@ -442,16 +442,11 @@ def _check_fsdp_plugin(plugin) -> None:
                          "which its EMA target follows by name); set train.gradient_checkpointing=true instead")
 
 
-def _fsdp_float32_gradients(plugin, mixed_precision: str) -> None:
-    """Under FSDP mixed precision, reduce (and accumulate) gradients in float32 as DDP does: accelerate's default
-    policy reduces them in the compute dtype. Its other settings (the student's weights gathered in the compute
-    dtype) are kept."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    policy = plugin.mixed_precision_policy
-    if policy is None:
-        policy = MixedPrecisionPolicy(param_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision])
-    plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=torch.float32)
+def _fsdp_float32_gradients(plugin) -> None:
+    """Under FSDP mixed precision, reduce (and accumulate) gradients in float32 as DDP does: the policy accelerate
+    sets for fp16/bf16 reduces them in the compute dtype. Its other settings (the student's weights gathered in
+    the compute dtype) are kept."""
+    plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy, reduce_dtype=torch.float32)
 
 
 def _everywhere(ok: bool, accelerator) -> bool:

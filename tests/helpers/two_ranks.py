@@ -51,3 +51,19 @@ def run_two_cpu_ranks(out: Path, method: str, *overrides: str,
     info.update(batches_differ=first[0]["texts"] != first[1]["texts"],
                 losses_differ=first[0]["loss"] != first[1]["loss"])
     return load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors"), info
+
+
+def exported_unet(run: Path, unet: str) -> dict[str, torch.Tensor]:
+    """The weights of ``final/pipeline/<unet>`` of the training run in folder ``run``."""
+    return load_file(run / "final" / "pipeline" / unet / "diffusion_pytorch_model.safetensors")
+
+
+def relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
+                 keys=None) -> float:
+    """``|a - b| / |b - start|`` over ``keys`` (default: all of ``b``): how far two runs ended apart, as a share of
+    how far ``b`` moved from where it started (the denominator over the keys ``start`` has)."""
+    keys = list(b) if keys is None else list(keys)
+    gap = torch.cat([(a[k] - b[k]).flatten() for k in keys]).norm()
+    moved = torch.cat([(b[k] - start[k]).flatten() for k in keys if k in start]).norm()
+    assert moved > 0, "the run did not move"
+    return float(gap / moved)
