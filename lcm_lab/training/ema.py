@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .sharding import copy_full_, reshard
+from .sharding import copy_full_, fsdp_units, reshard
 
 __all__ = ["EMA"]
 
@@ -28,6 +28,7 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.model = model.requires_grad_(False)
+        self._units = []  # the shadow model's FSDP units, once sharded (rebind)
         self._bind(online)
         # Frozen weights: share storage rather than duplicating them (LoRA students).
         for name, p in online.named_parameters():
@@ -53,11 +54,13 @@ class EMA:
         reshard(self.model)
         reshard(online)
         self._bind(online)
+        self._units = fsdp_units(self.model)
 
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step; one fused ``lerp`` over all tensors instead of a Python loop per parameter."""
-        reshard(self.model)  # FSDP: the next forward must gather the updated shards, not the weights it kept
+        for unit in self._units:  # FSDP: the next forward must gather the updated shards, not the weights it kept
+            unit.reshard()
         torch._foreach_lerp_(self._shadow, [p.detach() for p in self._online], 1.0 - self.decay)
 
     def state_dict(self) -> dict:

@@ -17,13 +17,18 @@ import torch
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["is_sharded", "shard_like", "reshard", "local", "full_tensor", "gather_state", "copy_full_",
+__all__ = ["fsdp_units", "is_sharded", "shard_like", "reshard", "local", "full_tensor", "gather_state", "copy_full_",
            "unsharded_class"]
+
+
+def fsdp_units(module: torch.nn.Module) -> list[FSDPModule]:
+    """The submodules of ``module`` (itself included) that ``fully_shard`` was applied to, outermost first."""
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether ``fully_shard`` was applied to ``module`` or any of its submodules."""
-    return any(isinstance(m, FSDPModule) for m in module.modules())
+    return bool(fsdp_units(module))
 
 
 def shard_like(module: torch.nn.Module, reference: torch.nn.Module) -> None:
@@ -47,9 +52,8 @@ def reshard(module: torch.nn.Module) -> None:
     """Put every unit of ``module`` back in its sharded state. FSDP2 keeps the root unit's gathered weights after
     a forward pass (to spare the gather before backward), and a later forward would reuse them: an in-place
     update of the shards (the EMA step) must come after this, so that the next forward gathers it."""
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
+    for unit in fsdp_units(module):
+        unit.reshard()
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
