@@ -1,12 +1,14 @@
 """Run by tests/test_training_lcd.py / test_rg_lcd.py under accelerate with two CPU ranks (gloo).
 
-    ddp_lcd.py OUT [lcd|rg_lcd] [section.key=value ...]
+    ddp_lcd.py OUT [lcd|rg_lcd|rg_lcd_direct] [section.key=value ...]
+
+The second argument names the config, configs/toy/<it>.yaml (``rg_lcd``: LRM mode, ``rg_lcd_direct``: direct mode).
 
 Launched with configs/accelerate/fsdp.yaml (``ACCELERATE_USE_FSDP=true``), the ranks train under FSDP2: accelerate
 selects FSDP for GPU ranks only and silently runs CPU ranks as DDP, so this script hands them the FSDP plugin the
 launcher configured (from its ``FSDP_*`` variables), as accelerate does on GPUs.
 
-Writes each rank's student (and, for rg_lcd, latent reward model) parameters to OUT/rank<r>.safetensors, the
+Writes each rank's student (and, in LRM mode, latent reward model) parameters to OUT/rank<r>.safetensors, the
 captions and loss of the first micro-batch that rank trained on to OUT/rank<r>.json, and, from rank 0,
 OUT/ranks.json (world size, whether training changed the weights). A rank stopped by a non-finite loss writes
 its error to OUT/rank<r>.error (``LCM_LAB_TEST_NAN_AT=RANK:CALL`` makes that rank's loss NaN from its CALL-th
@@ -31,13 +33,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
-method = sys.argv[2] if len(sys.argv) > 2 else "lcd"
+config = sys.argv[2] if len(sys.argv) > 2 else "lcd"
+method = "rg_lcd" if config.startswith("rg_lcd") else "lcd"
 overrides = [f"train.output_dir={out / 'run'}", "train.max_steps=3", "train.batch_size=4", "train.learning_rate=1e-3",
              "train.lr_warmup_steps=0", "train.report_to=none", "train.validation_steps=0", "train.progress=false",
              "data.num_images=16", "data.cache_latents=true"]
-if method == "rg_lcd":  # LRM mode, trained online only (no pre-training), on 3 samples per rank and step
+if config == "rg_lcd":  # LRM mode, trained online only (no pre-training), on 3 samples per rank and step
     overrides += ["reward.lrm_lr=1e-3", "reward.lrm_subset=3", "reward.lrm_pretrain_steps=0"]
-cfg = load_method_config(method, REPO / f"configs/toy/{method}.yaml", overrides + sys.argv[3:])
+cfg = load_method_config(method, REPO / f"configs/toy/{config}.yaml", overrides + sys.argv[3:])
 accelerator = None
 if os.environ.get("ACCELERATE_USE_FSDP") == "true":
     from accelerate import Accelerator
@@ -54,7 +57,7 @@ if os.environ.get("ACCELERATE_USE_FSDP") == "true":
         plugin.set_mixed_precision(cfg.train.mixed_precision)  # as accelerate does for GPU ranks
     accelerator.state.fsdp_plugin = plugin
 task = (RGLCDTask if method == "rg_lcd" else LCDTask)(cfg)
-nets = {"student": task.student, **({"lrm": task.lrm} if method == "rg_lcd" else {})}
+nets = {"student": task.student, **({"lrm": task.lrm} if method == "rg_lcd" and task.lrm is not None else {})}
 
 
 def parameters(net: str) -> dict[str, torch.Tensor]:

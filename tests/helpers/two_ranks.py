@@ -20,9 +20,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_cpu_ranks(out: Path, method: str, *overrides: str, fsdp: bool = False, timeout: float = 600,
+def launch_two_cpu_ranks(out: Path, config: str, *overrides: str, fsdp: bool = False, timeout: float = 600,
                          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run tests/helpers/ddp_lcd.py on two gloo ranks (``overrides``: ``key=value``; ``env``: extra variables).
+    """Run tests/helpers/ddp_lcd.py on two gloo ranks (``config``: "lcd", "rg_lcd" (LRM mode) or "rg_lcd_direct",
+    a toy config; ``overrides``: ``key=value``; ``env``: extra variables).
 
     ``accelerate launch --cpu --num_processes 2`` silently runs one process, hence ``--multi_gpu`` with
     ``ACCELERATE_USE_CPU``; ``fsdp`` launches with configs/accelerate/fsdp.yaml instead.
@@ -33,18 +34,18 @@ def launch_two_cpu_ranks(out: Path, method: str, *overrides: str, fsdp: bool = F
               else ["--multi_gpu", "--num_machines", "1"])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *layout, "--num_processes", "2",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(REPO / "tests" / "helpers" / "ddp_lcd.py"), str(out), method, *overrides]
+           str(REPO / "tests" / "helpers" / "ddp_lcd.py"), str(out), config, *overrides]
     return subprocess.run(cmd, env=variables, capture_output=True, text=True, timeout=timeout)
 
 
-def run_two_cpu_ranks(out: Path, method: str, *overrides: str,
+def run_two_cpu_ranks(out: Path, config: str, *overrides: str,
                       fsdp: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """Train ``method`` ("lcd" or "rg_lcd") for a few steps on two gloo ranks (:func:`launch_two_cpu_ranks`);
+    """Train ``config`` for a few steps on two gloo ranks (:func:`launch_two_cpu_ranks`);
     returns rank 0's and rank 1's parameters (their shards with ``fsdp``) and rank 0's ``ranks.json``, with
     ``batches_differ`` / ``losses_differ``: whether the first micro-batches the two ranks trained on had
     different captions / losses. The run's folder is ``out / "run"``.
     """
-    proc = launch_two_cpu_ranks(out, method, *overrides, fsdp=fsdp)  # two processes on a busy 2-core machine
+    proc = launch_two_cpu_ranks(out, config, *overrides, fsdp=fsdp)  # two processes on a busy 2-core machine
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((out / "ranks.json").read_text())
     first = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
