@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["atomic_write", "atomic_write_text", "check_out_folder", "install_folder", "read_json_object",
-           "recover_swaps", "write_folder_atomically"]
+           "recover_swaps", "scratch_folder", "write_folder_atomically"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -72,8 +72,8 @@ def recover_swaps(parent: str | os.PathLike, pattern: str = "*") -> list[Path]:
     """Tidy what killed writers of this host left in ``parent`` beside folders matching the glob ``pattern``.
 
     A writer killed between the two renames of :func:`install_folder` left the previous version only as its
-    ``old`` folder: that goes back under its name (the newest, if several), and is returned. Other ``old`` and
-    all ``partial`` folders of dead writers are removed.
+    ``old`` folder: that goes back under its name (the newest, if several), and is returned. Other ``old``
+    folders of dead writers are removed (their ``partial`` folders are :func:`scratch_folder`'s to remove).
     """
     parent = Path(parent)
     if not parent.is_dir():
@@ -86,9 +86,21 @@ def recover_swaps(parent: str | os.PathLike, pattern: str = "*") -> list[Path]:
             restored.append(target)
         else:
             shutil.rmtree(folder, ignore_errors=True)  # another writer may be removing it too
-    for folder, _ in _dead_side_folders(parent, pattern, "partial"):
-        shutil.rmtree(folder, ignore_errors=True)
     return restored
+
+
+def scratch_folder(parent: str | os.PathLike, name: str) -> Path:
+    """A new, empty folder ``<parent>/<name>.partial-<host>-<pid>`` that only this process writes, on ``parent``'s
+    filesystem, so that what is finished there can be renamed into ``parent``. The folders that killed writers
+    of this host left under the same ``name`` are removed first; the caller removes its own when done."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for folder, _ in _dead_side_folders(parent, glob.escape(name), "partial"):
+        shutil.rmtree(folder, ignore_errors=True)
+    tmp = _side_folder(parent / name, "partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # this pid's, from a process before it
+    tmp.mkdir()
+    return tmp
 
 
 def install_folder(tmp: Path, out: Path) -> None:
@@ -112,16 +124,14 @@ def install_folder(tmp: Path, out: Path) -> None:
 def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` into ``<out>.partial-<host>-<pid>``, then :func:`install_folder` it as ``out_dir``.
 
-    What killed writers of ``out_dir`` left is tidied first (:func:`recover_swaps`).
+    What killed writers of ``out_dir`` left is tidied first (:func:`recover_swaps`, :func:`scratch_folder`).
     """
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder.")
     out.parent.mkdir(parents=True, exist_ok=True)
     recover_swaps(out.parent, glob.escape(out.name))
-    tmp = _side_folder(out, "partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = scratch_folder(out.parent, out.name)
     try:
         write(tmp)
         install_folder(tmp, out)

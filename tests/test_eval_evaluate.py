@@ -5,7 +5,9 @@ up-front errors, write_metrics; and the toy-world metrics when the toy assets ex
 import argparse
 import json
 import math
+import os
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -347,8 +349,14 @@ def test_saved_images_of_an_earlier_run_survive_a_failed_one(ldm, prompt_file, t
     images = tmp_path / "images"
     (images / "notes.txt").parent.mkdir()
     (images / "notes.txt").write_text("mine")
+    # the temp folders of a killed run (no such pid) and of a live one (another process of this host)
+    killed, live = (images / f".images.partial-{socket.gethostname()}-{pid}" for pid in (999999999, os.getppid()))
+    killed.mkdir()
+    live.mkdir()
     kwargs = dict(metrics=[], progress=False, warmup=False, save_images_dir=images, batch_size=1)
     evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=3, seeds=0, **kwargs)
+    assert not killed.exists() and live.is_dir()  # only the dead writer's is removed
+    live.rmdir()
     earlier = {p.name: p.read_bytes() for p in images.iterdir()}
     assert sorted(earlier) == ["00000.png", "00001.png", "00002.png", "captions.json", "notes.txt"]
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, scratch_folder
 from ..imaging import IMAGE_EXTENSIONS, to_rgb
 from ..rewards import RewardModel
 from .clip_metrics import ScoreMean, load_clip_metric, load_hps_metric, reward_scores
@@ -527,9 +527,7 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         gen_seconds = run(None)
     else:  # into a temp folder inside it first: a failed run leaves an earlier run's images as they were
         out_dir = Path(save_images_dir)
-        tmp = out_dir / ".partial"  # inside: the same filesystem, so the moves below are renames
-        shutil.rmtree(tmp, ignore_errors=True)  # a killed run's
-        tmp.mkdir(parents=True)
+        tmp = scratch_folder(out_dir, ".images")  # inside: the same filesystem, so the moves below are renames
         try:
             gen_seconds = run(tmp)
             new = {file.name for file in tmp.iterdir()}
