@@ -510,6 +510,9 @@ def test_lrm_folder_round_trip_and_a_config_that_does_not_match_its_weights(tmp_
         loaded = LatentRewardModel.from_pretrained(folder)
         assert loaded.config == lrm.config
         assert all(torch.equal(v, lrm.state_dict()[k]) for k, v in loaded.state_dict().items())
+        tensors = [*loaded.parameters(), *loaded.buffers()]  # real (built on the meta device, then assigned)
+        assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        assert all(p.requires_grad for p in loaded.parameters())
     good = (folder / "config.json").read_text()
     # checked against the weights' header before anything is built: depth 10**6 would build for minutes
     for change, match in (({"depth": 10**6}, "config depth 1000000 does not match the weights' 5 image-tower stages"),

@@ -193,15 +193,15 @@ class LatentRewardModel(nn.Module):
             if "depth" in config and len(stages) != 2 * int(config["depth"]) + 1:
                 raise ValueError(f"config depth {config['depth']} does not match the weights' {len(stages)} "
                                  "image-tower stages")
-            with torch.device("meta"):
-                expected = {k: tuple(v.shape) for k, v in cls(**config).state_dict().items()}
+            with torch.device("meta"):  # shapes only: the weights are then assigned, not copied into a second model
+                model = cls(**config)
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             if expected != shapes:
                 wrong = sorted(k for k in expected.keys() | shapes.keys() if expected.get(k) != shapes.get(k))
                 raise ValueError(f"{CONFIG_NAME} does not match {WEIGHTS_NAME}: {len(wrong)} tensors missing or of "
                                  f"another shape, e.g. {wrong[:3]}")
-            model = cls(**config)
-            model.load_state_dict(load_file(folder / WEIGHTS_NAME))
-        return model
+            model.load_state_dict(load_file(folder / WEIGHTS_NAME), assign=True)
+        return model.float()  # the proxy trains in float32 whatever the file holds (a no-op for float32 files)
 
 
 # ----------------------------------------------------------------------------- pairwise losses
