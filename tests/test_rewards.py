@@ -777,3 +777,21 @@ def test_builtin_architecture_takes_the_preprocessing_its_checkpoints_agree_on(m
     vit_b, _ = create_open_clip("ViT-B-32")
     assert vit_b.visual.preprocess_cfg["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
     assert vit_b.visual.preprocess_cfg["resize_mode"] == "shortest"
+
+
+def test_a_json_configs_preprocessing_reaches_the_model(tmp_path):
+    """An ``open_clip_config.json``-style file sets the model and its preprocessing; a bare model-config dict
+    gets open_clip's defaults."""
+    from lcm_lab.rewards.clip_score import create_open_clip
+    from lcm_lab.toy import models
+
+    preprocess = {**models.REWARD_PREPROCESS_CONFIG, "mean": [0.5, 0.5, 0.5], "resize_mode": "squash"}
+    path = tmp_path / "open_clip_config.json"
+    path.write_text(json.dumps({"model_cfg": models.REWARD_MODEL_CONFIG, "preprocess_cfg": preprocess}))
+    from_file, _ = create_open_clip(path)
+    assert tuple(from_file.visual.preprocess_cfg["mean"]) == (0.5, 0.5, 0.5)
+    assert from_file.visual.preprocess_cfg["resize_mode"] == "squash"
+    from_dict, _ = create_open_clip(models.REWARD_MODEL_CONFIG)
+    assert tuple(from_dict.visual.preprocess_cfg["mean"]) == pytest.approx(OPENAI_CLIP_MEAN)
+    assert from_dict.visual.preprocess_cfg["resize_mode"] == "shortest"
+    assert from_file.state_dict().keys() == from_dict.state_dict().keys()

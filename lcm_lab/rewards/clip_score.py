@@ -56,18 +56,20 @@ def _config_file(path: str | os.PathLike) -> dict:
     return read_json_object(path, "open_clip model config")
 
 
-def _architecture_config(arch: str | os.PathLike | Mapping) -> dict | None:
-    """An explicit open_clip model config (dict or JSON file), or ``None`` for a built-in name."""
+def _architecture_config(arch: str | os.PathLike | Mapping) -> tuple[dict, dict] | None:
+    """An explicit open_clip model config (dict or JSON file) and the preprocessing a JSON file sets beside it
+    (its ``"preprocess_cfg"``, as an ``open_clip_config.json`` has), or ``None`` for a built-in name."""
     if isinstance(arch, Mapping):
-        cfg = dict(arch)
+        raw, preprocess = dict(arch), {}
     elif str(arch).endswith(".json"):
-        cfg = _config_file(arch)
+        raw = _config_file(arch)
+        preprocess = raw.get("preprocess_cfg", {})
     else:
         return None
-    cfg = copy.deepcopy(cfg.get("model_cfg", cfg))
+    cfg = copy.deepcopy(raw.get("model_cfg", raw))
     if "vision_cfg" not in cfg or "text_cfg" not in cfg:
         raise ValueError("an open_clip model config needs 'vision_cfg' and 'text_cfg' (and 'embed_dim')")
-    return cfg
+    return cfg, preprocess
 
 
 def _tokenizer_for_config(text_cfg: Mapping):
@@ -97,8 +99,8 @@ def create_open_clip(arch: str | os.PathLike | Mapping) -> tuple[torch.nn.Module
     from open_clip.model import set_model_preprocess_cfg
     from open_clip.transform import PreprocessCfg
 
-    cfg = _architecture_config(arch)
-    if cfg is None:
+    explicit = _architecture_config(arch)
+    if explicit is None:
         name = str(arch)
         if name not in open_clip.list_models():
             raise ValueError(f"unknown open_clip architecture {name!r}; pass a built-in name "
@@ -115,9 +117,7 @@ def create_open_clip(arch: str | os.PathLike | Mapping) -> tuple[torch.nn.Module
             set_model_preprocess_cfg(model, {**asdict(PreprocessCfg()), **dict(known.pop()),
                                              "size": model.visual.image_size})
         return model, open_clip.get_tokenizer(name)
-    preprocess = {}
-    if not isinstance(arch, Mapping) and str(arch).endswith(".json"):
-        preprocess = _config_file(arch).get("preprocess_cfg", {})
+    cfg, preprocess = explicit
     text_cfg, vision_cfg = cfg["text_cfg"], cfg["vision_cfg"]
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in text_cfg
     if "hf_model_name" in text_cfg:
