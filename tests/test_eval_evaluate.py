@@ -207,6 +207,22 @@ def test_eval_resume_reuses_finished_rows_only(tiny_sd, prompt_file, tmp_path, m
         run("--steps", "2", "--resume")
 
 
+def test_resume_needs_every_prompt_and_seed_to_match(ldm, prompt_file):
+    """The `seed` and `prompt_set` columns name only the first seed and the prompt source: a row is reused
+    only when every image's prompt and seed are the same (`inputs_id`)."""
+    from lcm_lab.eval.evaluate import inputs_id
+
+    kwargs = dict(sampler="ddim", steps=1, metrics=[], progress=False, warmup=False, num_samples=3)
+    row = evaluate(ldm, prompt_set=str(prompt_file), seeds=[0, 1, 2], **kwargs)
+    assert row["inputs_id"] == inputs_id([PROMPTS[i % len(PROMPTS)] for i in range(3)], [0, 1, 2])
+    assert evaluate(ldm, prompt_set=str(prompt_file), seeds=0, resume_from=[row], **kwargs) == row  # 0, 1, 2 again
+    other_seeds = evaluate(ldm, prompt_set=str(prompt_file), seeds=[0, 5, 6], resume_from=[row], **kwargs)
+    assert other_seeds["seed"] == row["seed"] and other_seeds["inputs_id"] != row["inputs_id"]
+    prompt_file.write_text("\n".join(reversed(PROMPTS)) + "\n")  # same file name, other prompts
+    edited = evaluate(ldm, prompt_set=str(prompt_file), seeds=[0, 1, 2], resume_from=[row], **kwargs)
+    assert edited["prompt_set"] == row["prompt_set"] and edited["inputs_id"] != row["inputs_id"]
+
+
 def test_evaluate_fid_kid_against_a_reference_folder(ldm, prompt_file, tmp_path, monkeypatch):
     from lcm_lab.eval.fid import INCEPTION_FILE, InceptionMetrics
     from lcm_lab.generation import generate
@@ -291,7 +307,7 @@ def test_errors_before_generation(ldm, prompt_file, tmp_path):
     with pytest.raises(ValueError, match="seeds"):
         evaluate(ldm, "ddim", 1, str(prompt_file), num_samples=2, seeds=[1, 2, 3], metrics=[])
     row = evaluate(ldm, "ddim", 1, str(long_file), metrics=[], truncate=True, progress=False, warmup=False)
-    assert row["num_samples"] == 2 and set(row) == {*BASE_KEYS, "metric_sources", "sec_per_image"}
+    assert row["num_samples"] == 2 and set(row) == {*BASE_KEYS, "metric_sources", "sec_per_image", "inputs_id"}
     # FD / FID / KID need two images a side: refused up front, not after generating
     from lcm_lab.toy.judge import AttributeJudge
 

@@ -29,6 +29,7 @@ HPS checkpoint is given; ``fid, kid`` whenever a reference folder or Inception w
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import math
 import os
@@ -95,6 +96,13 @@ def write_metrics(rows: Sequence[dict], out_dir: str | os.PathLike, stem: str = 
     json_path = atomic_write_text(out / f"{stem}.json", json.dumps(clean, indent=2) + "\n")
     md_path = atomic_write_text(out / f"{stem}.md", format_table(rows))
     return json_path, md_path
+
+
+def inputs_id(prompts: Sequence[str], seeds: Sequence[int]) -> str:
+    """The first 16 hex digits of the SHA-256 of every image's prompt and seed: rows with the same settings
+    but another prompt file content, ``per_style`` or seed list (the ``seed`` column holds the first seed only)
+    get another id, so a resumed run does not reuse them."""
+    return hashlib.sha256(json.dumps([list(prompts), [int(s) for s in seeds]]).encode()).hexdigest()[:16]
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
@@ -441,13 +449,14 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
         warmup: generate one untimed, unscored image first so ``sec_per_image`` excludes
             one-time costs.
         name: the ``model`` column (default: the folder path).
-        resume_from: rows of an earlier run (e.g. :func:`read_rows`): one with this row's settings, every
-            requested metric and the same ``metric_sources`` (references, weights) is returned as it is,
-            without generating anything.
+        resume_from: rows of an earlier run (e.g. :func:`read_rows`): one with this row's settings, the same
+            prompt and seed for every image (``inputs_id``), every requested metric and the same
+            ``metric_sources`` (references, weights) is returned as it is, without generating anything.
 
     Returns:
         ``{model, sampler, steps, guidance, num_samples, seed, prompt_set, <metrics>..., metric_sources,
-        sec_per_image}`` (+ ``gamma`` for TCD, ``images_dir`` when images are saved).
+        sec_per_image, inputs_id}`` (+ ``gamma`` for TCD, ``images_dir`` when images are saved);
+        ``inputs_id``: see :func:`inputs_id`.
     """
     from ..generation import as_seeds, check_sampling, generate, sampling_grid
     from ..imaging import save_grid
@@ -492,9 +501,10 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
     settings = {"model": name or str(ldm.path), "sampler": sampler, "steps": int(steps), "guidance": float(guidance),
                 "num_samples": n, "seed": seed_list[0], "prompt_set": pset.name,
                 **({"gamma": float(gamma)} if sampler == "tcd" else {})}
+    inputs = inputs_id(prompts, seed_list)
     for old in resume_from:
-        if (all(old.get(k) == v for k, v in settings.items()) and all(m in old for m in suite.metrics)
-                and old.get("metric_sources") == suite.sources):
+        if (all(old.get(k) == v for k, v in settings.items()) and old.get("inputs_id") == inputs
+                and all(m in old for m in suite.metrics) and old.get("metric_sources") == suite.sources):
             return dict(old)
     acc = suite.start(vae=ldm.vae, image_size=ldm.image_size, num_samples=n)
     kwargs = dict(sampler=sampler, steps=steps, guidance_scale=guidance, gamma=gamma, truncate=truncate,
@@ -542,6 +552,7 @@ def evaluate(model, sampler: str = "ddim", steps: int | None = None, prompt_set=
     row.update(acc.result())
     row["metric_sources"] = suite.sources
     row["sec_per_image"] = gen_seconds / n
+    row["inputs_id"] = inputs
     if save_images_dir is not None:
         row["images_dir"] = str(save_images_dir)
     return row
