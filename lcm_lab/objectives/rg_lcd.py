@@ -42,7 +42,9 @@ class RGLCDConfig:
         "help": "Expert reward spec for lcm_lab.rewards.parse_reward_spec, e.g. 'hpsv2', "
                 "'1.0*hpsv2+0.1*imagereward', 'jpeg-compressibility' (lrm mode only: not differentiable). "
                 "Weights also set the scale: beta=1 and lrm_logit_scale=100 assume cosine-like scores (HPSv2), "
-                "so CLIP-style scores of 100*cos (clip, toy-clip, pickscore) take a weight of 0.01."})
+                "so CLIP-style scores of 100*cos (clip, toy-clip, pickscore) take a weight of 0.01. In lrm mode "
+                "the reference code takes the aesthetic score (about 1-10) itself as the preference logit: "
+                "'0.01*aesthetic' matches it (100 times the raw score makes near one-hot preferences)."})
     reward_kwargs: dict = field(default_factory=dict, metadata={
         "help": "Constructor arguments per reward name, e.g. {hpsv2: {checkpoint: /w/HPS_v2.1_compressed.pt}}; "
                 "weights can also come from the rewards' LCM_LAB_* environment variables."})

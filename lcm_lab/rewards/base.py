@@ -75,10 +75,12 @@ def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float] = O
         interpolation: ``"bicubic"`` (default, as CLIP) or ``"bilinear"``.
         antialias: the resize is done with ``torch.nn.functional.interpolate``, by default with
             antialiasing when it downscales, like PIL (which the original models were published
-            with) and torchvision's tensor ``Resize`` since torchvision 0.17 (RG-LCD's reward
-            functions use it, with an unpinned torchvision). It stays
+            with) and torchvision's tensor ``Resize`` since torchvision 0.17. It stays
             differentiable, and every pixel gets gradient: without it, a 1024 -> 224 px bicubic
             resize reads only a grid of the pixels, and a reward's gradient reaches no others.
+            A deliberate difference from RG-LCD's reference code, which pins torchvision 0.16.2,
+            whose tensor ``Resize`` does not antialias; each resizing reward's ``antialias=False`` (e.g.
+            through RG-LCD's ``reward_kwargs``) resizes as it does.
         fill: padding value (in ``[0, 1]`` pixel units, before normalisation) of ``"longest"``.
 
     Returns:
