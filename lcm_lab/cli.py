@@ -51,8 +51,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
                    guidance_scale=guidance, images=images, strength=args.strength,
                    truncate=args.truncate, gamma=args.gamma)
     path = save_grid(out, Path(args.out), nrow=args.num_images if len(out) > 1 else None)
-    steps = resolve_steps(args.sampler, args.steps)
-    print(f"wrote {len(out)} image(s) ({args.sampler}, {steps} steps, guidance {guidance}) to {path}")
+    steps = f"{resolve_steps(args.sampler, args.steps)} steps"
+    if images is not None:  # img2img may run fewer (see generate's strength)
+        steps += f" at strength {args.strength}"
+    print(f"wrote {len(out)} image(s) ({args.sampler}, {steps}, guidance {guidance}) to {path}")
     return 0
 
 

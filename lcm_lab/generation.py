@@ -20,7 +20,7 @@ from .core.denoiser import UNetModel
 from .core.noise import generators_for_seeds, randn
 from .core.parameterization import guidance_scale_embedding
 from .core.sampling import SAMPLERS, noised_start, timesteps_for
-from .core.schedules import NoiseSchedule
+from .core.schedules import NoiseSchedule, img2img_timesteps
 from .imaging import unit_range
 from .models.sd import LDMParts
 from .models.student import is_w_conditioned
@@ -57,7 +57,8 @@ def resolve_steps(sampler: str, steps: int | None) -> int:
 
 def sampling_grid(scheduler_config: Mapping, sampler: str, steps: int | None = None, *, guidance_scale: float = 7.5,
                   gamma: float = 0.3, strength: float = 1.0, original_inference_steps: int | None = None,
-                  schedule: NoiseSchedule | None = None) -> tuple[int, torch.Tensor]:
+                  schedule: NoiseSchedule | None = None, strength_in_scheduler: bool = False
+                  ) -> tuple[int, torch.Tensor]:
     """``(steps, timesteps)`` that :func:`generate` runs for these settings on a model with ``scheduler_config``.
 
     Needs no network, so entry points call it before loading models or metrics: impossible settings (an
@@ -70,6 +71,9 @@ def sampling_grid(scheduler_config: Mapping, sampler: str, steps: int | None = N
             folder's ``scheduler/scheduler_config.json`` plus what its pipeline imposes); the schedule is built
             from it unless ``schedule`` (the model's own) is given.
         original_inference_steps: LCM/TCD distillation grid; default the config's, or 50.
+        strength_in_scheduler: img2img as ``LatentConsistencyModelImg2ImgPipeline`` (LCM and TCD lay out their
+            grid for ``strength``) instead of the other img2img pipelines (the last ``int(steps * strength)``
+            steps of the full grid); see :func:`~lcm_lab.models.sd.strength_in_scheduler`. DDIM always trims.
         Other arguments: as in :func:`generate`.
     """
     steps = resolve_steps(sampler, steps)
@@ -91,6 +95,9 @@ def sampling_grid(scheduler_config: Mapping, sampler: str, steps: int | None = N
     # DDIM's grid as DDIMScheduler.from_config(scheduler_config) lays it out (its defaults: leading, offset 0)
     spacing = {"timestep_spacing": scheduler_config.get("timestep_spacing", "leading"),
                "steps_offset": int(scheduler_config.get("steps_offset", 0))} if sampler == "ddim" else {}
+    if sampler in ("lcm", "tcd") and not strength_in_scheduler:  # the pipeline, not the scheduler, applies strength
+        full = timesteps_for(sampler, steps, schedule, 1.0, original_inference_steps)
+        return steps, img2img_timesteps(full, strength)
     return steps, timesteps_for(sampler, steps, schedule, strength, original_inference_steps, **spacing)
 
 
@@ -112,7 +119,8 @@ def check_sampling(models: Sequence, samplers: Sequence[str], steps_list: Sequen
     """:func:`sampling_grid` for every (model, sampler, steps), from each model folder's scheduler config alone
     (``None``: the toy teacher; ``steps_list=None``: each sampler's default; ``guidance=None``: the toy
     teacher's). Entry points call it before any network is loaded, metric prepared or result written."""
-    from .models.sd import check_pipeline_dir, load_schedule, stock_scheduler_overrides, toy_teacher_dir
+    from .models.sd import (check_pipeline_dir, load_schedule, stock_scheduler_overrides, strength_in_scheduler,
+                            toy_teacher_dir)
     from .toy import TEACHER_GUIDANCE
 
     for model in models:
@@ -122,7 +130,8 @@ def check_sampling(models: Sequence, samplers: Sequence[str], steps_list: Sequen
         for sampler in samplers:
             for steps in steps_list or [None]:
                 sampling_grid(config, sampler, steps, guidance_scale=TEACHER_GUIDANCE if guidance is None else guidance,
-                              gamma=gamma, strength=strength, schedule=schedule)
+                              gamma=gamma, strength=strength, schedule=schedule,
+                              strength_in_scheduler=strength_in_scheduler(folder))
 
 
 def _checked_init_images(images: torch.Tensor, num_prompts: int, image_size: int) -> torch.Tensor:
@@ -179,7 +188,11 @@ def generate(
         images: optional init images (N, 3, H, W) in [0, 1] for img2img / restoration. They are
             encoded with the VAE posterior's mode (deterministic); diffusers' img2img pipelines sample
             the posterior from their generator, so their images differ from these by that draw.
-        strength: how far towards noise the init images are taken, in (0, 1].
+        strength: how far towards noise the init images are taken, in (0, 1], applied as the folder's stock
+            img2img pipeline does (:func:`~lcm_lab.models.sd.strength_in_scheduler`):
+            ``LatentConsistencyModelImg2ImgPipeline`` (LCM folders, LCM/TCD samplers) runs all ``steps`` on a
+            grid laid out for ``strength``; ``StableDiffusion(XL)Img2ImgPipeline`` (other folders; DDIM
+            always) runs the last ``int(steps * strength)`` steps of the full grid.
         batch_size: images per network call.
         gamma: TCD's stochasticity.
         original_inference_steps: LCM/TCD distillation grid size; default: the model's scheduler config
@@ -208,7 +221,7 @@ def generate(
     config = model.sampling_config
     steps, timesteps = sampling_grid(config, sampler, steps, guidance_scale=guidance_scale,
                                      gamma=gamma, strength=strength, original_inference_steps=original_inference_steps,
-                                     schedule=model.schedule)
+                                     schedule=model.schedule, strength_in_scheduler=model.strength_in_scheduler)
     if output not in ("images", "latents"):
         raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
     factor = model.vae_scale_factor

@@ -209,6 +209,25 @@ def test_exported_pipeline_matches_generate(exported, steps):
     assert max_diff(other, ours) > 1e-3
 
 
+def test_exported_pipeline_img2img_matches_generate(exported):
+    """On a LatentConsistencyModelPipeline folder, img2img runs every step on the LCM grid laid out for the
+    strength, as LatentConsistencyModelImg2ImgPipeline (given the init latents lcm_lab encodes)."""
+    from diffusers import LatentConsistencyModelImg2ImgPipeline
+
+    out, _, _ = exported
+    model = load_ldm(out)
+    assert model.strength_in_scheduler and not load_ldm(toy_teacher_dir()).strength_in_scheduler
+    init = torch.rand(len(SEEDS), 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pipe = LatentConsistencyModelImg2ImgPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, image=model.codec.encode(init * 2 - 1), strength=0.5, num_inference_steps=4,
+                   guidance_scale=5.0, generator=generators_for_seeds(SEEDS), output_type="pt").images
+    ours = generate(model, PROMPTS, SEEDS, sampler="lcm", steps=4, guidance_scale=5.0, images=init, strength=0.5,
+                    progress=False)
+    assert max_diff(ours, ref) <= TOL
+
+
 def test_lcm_folder_that_asks_for_clipping_matches_its_stock_pipeline(exported, tmp_path):
     """LatentConsistencyModelPipeline imposes nothing on its scheduler (StableDiffusionPipeline would turn
     clipping off): an LCM folder whose config clips x0 is sampled with that clipping, as the stock pipeline does."""

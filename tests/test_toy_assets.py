@@ -164,6 +164,33 @@ def test_img2img_matches_a_diffusers_loop(ldm):
                             progress=False)).abs().max() > 0.05  # the init images mattered
 
 
+@pytest.mark.parametrize("sampler", ["lcm", "tcd"])
+def test_few_step_img2img_matches_the_stock_img2img_pipeline(ldm, sampler):
+    """On a StableDiffusionPipeline folder, LCM / TCD img2img is StableDiffusionImg2ImgPipeline's with that
+    scheduler: the last int(n * strength) steps of the full grid, not LatentConsistencyModelImg2ImgPipeline's
+    grid laid out for the strength. The pipeline gets the init latents (the posterior mode lcm_lab encodes;
+    given pixels it would sample the posterior)."""
+    from diffusers import LCMScheduler, StableDiffusionImg2ImgPipeline, TCDScheduler
+
+    from lcm_lab.core.noise import generators_for_seeds
+    from lcm_lab.generation import generate, sampling_grid
+
+    prompts, seeds, guidance, strength, gamma = [PROMPT, "a small blue square on the top"], [3, 4], 5.0, 0.5, 0.3
+    init = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ours = generate(ldm, prompts, seeds, sampler=sampler, steps=4, guidance_scale=guidance, images=init,
+                    strength=strength, gamma=gamma, progress=False)
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(toy_teacher_dir())
+    pipe.scheduler = {"lcm": LCMScheduler, "tcd": TCDScheduler}[sampler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe(prompts, image=ldm.codec.encode(init * 2 - 1), strength=strength, num_inference_steps=4,
+                   guidance_scale=guidance, eta=gamma, generator=generators_for_seeds(seeds), output_type="pt").images
+    assert (ours - ref).abs().max() < 1e-4
+    _, ran = sampling_grid(ldm.sampling_config, sampler, 4, strength=strength)
+    assert len(ran) == 2 and len(sampling_grid(ldm.sampling_config, sampler, 4, strength=strength,
+                                               strength_in_scheduler=True)[1]) == 4
+
+
 def test_per_seed_images_do_not_depend_on_batch(ldm):
     from lcm_lab.generation import generate
 

@@ -138,6 +138,20 @@ def test_sdxl_dir_detection_and_missing_parts(teacher_dir, tmp_path):
                 generator=torch.Generator().manual_seed(5)).images
     got = generate(model, [PROMPT], [5], sampler="lcm", steps=2, image_size=R, guidance_scale=3.0)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    # img2img as StableDiffusionXLImg2ImgPipeline runs it: the last int(4 * 0.5) steps of the full LCM grid (given
+    # the init latents lcm_lab encodes, the posterior mode; given pixels, the pipeline samples the posterior)
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pretrained(teacher_dir)
+    img2img.scheduler = LCMScheduler.from_config(img2img.scheduler.config)
+    img2img.set_progress_bar_config(disable=True)
+    init = torch.rand(1, 3, R, R, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want_init = img2img(PROMPT, image=model.codec.encode(init * 2 - 1), strength=0.5, num_inference_steps=4,
+                            guidance_scale=3.0, output_type="pt", generator=torch.Generator().manual_seed(5)).images
+    got_init = generate(model, [PROMPT], [5], sampler="lcm", steps=4, image_size=R, guidance_scale=3.0, images=init,
+                        strength=0.5)
+    torch.testing.assert_close(got_init, want_init, rtol=0, atol=1e-4)
     plain = generate(model, [PROMPT], [5], sampler="lcm", steps=2, image_size=R, guidance_scale=1.0)
     assert (plain - got).abs().max() > 1e-4
     # a folder whose model_index.json turns force_zeros_for_empty_prompt off: the negative branch is the encoded ""

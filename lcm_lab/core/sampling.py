@@ -389,9 +389,11 @@ def timesteps_for(
     - ``"lcm"``: :func:`~lcm_lab.core.schedules.lcm_timesteps` (strength handled inside the grid, as
       ``LatentConsistencyModelImg2ImgPipeline``).
     - ``"tcd"``: :func:`~lcm_lab.core.schedules.tcd_timesteps` (config-style ``original_inference_steps``;
-      strength handled inside the grid, as ``TCDScheduler.set_timesteps(..., strength=...)``. diffusers'
-      img2img pipelines instead trim the full grid, e.g. 4 steps at strength 0.5 give [499, 379, 259, 139]
-      here and [499, 259] there).
+      strength handled inside the grid, as ``TCDScheduler.set_timesteps(..., strength=...)``).
+
+    LCM and TCD handle strength as their schedulers do, which is what ``LatentConsistencyModelImg2ImgPipeline``
+    runs; the other img2img pipelines trim the full grid instead (4 steps at strength 0.5: [499, 379, 259, 139]
+    here, [499, 259] there), which :func:`lcm_lab.generation.sampling_grid` does for their folders.
     - ``"ddim"``: :func:`~lcm_lab.core.schedules.ddim_timesteps` with ``timestep_spacing`` /
       ``steps_offset`` (SD defaults: "leading", 1), then :func:`~lcm_lab.core.schedules.img2img_timesteps`
       for ``strength < 1`` (``StableDiffusionImg2ImgPipeline``). ``original_inference_steps`` is unused.

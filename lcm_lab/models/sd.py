@@ -44,6 +44,8 @@ class LDMParts(ABC):
     scheduler_config: dict
     # Scheduler settings the family's stock diffusers pipeline imposes whatever the config says (none for SDXL).
     stock_scheduler_overrides: dict  # see :func:`stock_scheduler_overrides`
+    # How the folder's stock img2img pipeline applies strength: see :func:`strength_in_scheduler`.
+    strength_in_scheduler: bool
 
     @property
     def sampling_config(self) -> dict:
@@ -108,6 +110,15 @@ def stock_scheduler_overrides(folder: str | os.PathLike) -> dict:
     return dict(SD_PIPELINE_OVERRIDES)
 
 
+def strength_in_scheduler(folder: str | os.PathLike) -> bool:
+    """Whether the folder's stock img2img pipeline passes ``strength`` to its scheduler's ``set_timesteps``:
+    ``LatentConsistencyModelImg2ImgPipeline`` does, for LatentConsistencyModelPipeline folders (model_index.json's
+    ``_class_name``), so an LCM or TCD scheduler spreads all the steps over the lower part of its grid. The
+    img2img pipelines of the other folders, SDXL's included, keep the last ``int(n * strength)`` of the ``n``
+    steps instead."""
+    return str(pipeline_index(folder).get("_class_name", "")).startswith("LatentConsistencyModel")
+
+
 @dataclass
 class LatentDiffusionModel(LDMParts):
     """A loaded SD 1.x/2.x-style LDM: networks, noise schedule and latent codec."""
@@ -120,6 +131,7 @@ class LatentDiffusionModel(LDMParts):
     scheduler_config: dict
     path: Path
     stock_scheduler_overrides: dict = field(default_factory=lambda: dict(SD_PIPELINE_OVERRIDES))
+    strength_in_scheduler: bool = False  # StableDiffusionImg2ImgPipeline trims the grid
 
     def encode_prompts(self, prompts: list[str], allow_empty: bool = False,
                        truncate: bool = False) -> torch.Tensor:
@@ -185,7 +197,7 @@ def load_ldm(path: str | os.PathLike | None = None, device: str | torch.device =
     for net in (unet, vae, text_encoder):
         net.to(device).eval().requires_grad_(False)
     return LatentDiffusionModel(unet, vae, text_encoder, tokenizer, schedule.to(device), scheduler_config, folder,
-                                stock_scheduler_overrides(folder))
+                                stock_scheduler_overrides(folder), strength_in_scheduler(folder))
 
 
 def load_schedule(folder: Path, hint: str = "Copy the scheduler/ folder of the model's repository (or of the "

@@ -264,6 +264,7 @@ class SDXLModel(LDMParts):
     # negative branch of guidance.
     force_zeros_for_empty_prompt: bool = True
     stock_scheduler_overrides: dict = field(default_factory=dict)  # the SDXL pipelines impose nothing
+    strength_in_scheduler: bool = False  # StableDiffusionXLImg2ImgPipeline trims the grid
 
     def conditioning(self, prompts: Sequence[str], truncate: bool = False, image_size: int | None = None
                      ) -> Conditioning:
