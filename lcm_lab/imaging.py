@@ -132,17 +132,18 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
 
 
 def load_images(paths: list[str], size: int) -> torch.Tensor:
-    """Load RGB images, resized to ``size`` x ``size``, as (N, 3, size, size) in [0, 1].
+    """Load RGB images, turned upright by their EXIF orientation (as diffusers' ``load_image``) and resized to
+    ``size`` x ``size``, as (N, 3, size, size) in [0, 1].
 
     A missing or unreadable file raises ValueError naming it.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     out = []
     for p in paths:
         try:
             with Image.open(p) as img:
-                img = to_rgb(img).resize((size, size), Image.BICUBIC)
+                img = to_rgb(ImageOps.exif_transpose(img)).resize((size, size), Image.BICUBIC)
                 out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255)
         except FileNotFoundError:
             raise ValueError(f"init image {p} does not exist") from None

@@ -248,3 +248,21 @@ def test_encode_dataset_skips_unreadable_items_and_matches_the_vae(folder, vae):
 
     mean, std, texts = cache.batch([4, 0, 4])
     assert torch.equal(mean[0], cache.mean[4]) and torch.equal(std[1], cache.std[0]) and texts[2] == cache.text[4]
+
+
+def test_init_images_are_turned_upright_by_their_exif_orientation(tmp_path):
+    """A phone photo stored sideways with EXIF Orientation=6 (rotate 90 degrees clockwise to view) loads upright,
+    as diffusers' load_image gives it to its img2img pipelines."""
+    from diffusers.utils import load_image
+
+    from lcm_lab.imaging import load_images
+
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :32] = 255  # the left half white, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    upright = np.asarray(load_image(str(tmp_path / "phone.png")))
+    assert upright.shape == (64, 32, 3) and upright[:32].min() == 255 and upright[32:].max() == 0  # top half white
+    ours = load_images([str(tmp_path / "phone.png")], 32)[0]
+    assert ours[:, :12].min() > 0.99 and ours[:, -12:].max() < 0.01  # top rows white, bottom rows black
