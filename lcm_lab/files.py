@@ -18,14 +18,17 @@ __all__ = ["atomic_write", "atomic_write_text", "check_out_folder", "install_fol
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Run ``write(tmp)`` on ``<path>.tmp``, then rename it over ``path``; a failed write leaves no temp file.
+    """Run ``write(tmp)`` on ``<path>.tmp-<host>-<pid>``, then rename it over ``path``; a failed write leaves no
+    temp file, and concurrent writers of ``path`` each write their own (the last rename wins, whole).
 
     ``write`` gets the temp path and must write the whole file there, in the format ``path`` names (the temp
-    name's suffix is ``.tmp``, so writers that guess the format from it need the format passed explicitly).
+    name has no image or JSON suffix, so writers that guess the format from it need the format passed
+    explicitly). A writer killed mid-write leaves its temp file, never a partial ``path``; nothing looks for
+    those, because a scan of the folder per file would make writing N images into one folder O(N^2).
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = _side_path(out, "tmp")
     try:
         write(tmp)
         os.replace(tmp, out)
@@ -39,7 +42,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _side_folder(out: Path, kind: str) -> Path:
+def _side_path(out: Path, kind: str) -> Path:
     # The host in the name: on a shared filesystem another machine's live writer has a pid unknown here.
     return out.with_name(f"{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
 
@@ -97,7 +100,7 @@ def scratch_folder(parent: str | os.PathLike, name: str) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     for folder, _ in _dead_side_folders(parent, glob.escape(name), "partial"):
         shutil.rmtree(folder, ignore_errors=True)
-    tmp = _side_folder(parent / name, "partial")
+    tmp = _side_path(parent / name, "partial")
     shutil.rmtree(tmp, ignore_errors=True)  # this pid's, from a process before it
     tmp.mkdir()
     return tmp
@@ -110,7 +113,7 @@ def install_folder(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    old = _side_folder(out, "old")
+    old = _side_path(out, "old")
     shutil.rmtree(old, ignore_errors=True)
     os.replace(out, old)
     try:

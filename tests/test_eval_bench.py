@@ -52,7 +52,7 @@ def test_bench_quality_cli_rows_tables_and_plots(tiny_sd, parser, tmp_path, caps
     assert plot.read_bytes()[:8] == PNG_MAGIC
     with Image.open(plot) as img:
         assert img.width > 100 and img.height > 100
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.tmp-*"))  # atomic_write's temp files
     assert "| lcm | 2 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "quality", "--samplers", "ddim,euler"])

@@ -80,7 +80,7 @@ def _pngs(folder):
 
 
 def _tmp_leftovers(root):
-    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+    return [p for p in root.rglob("*") if ".tmp-" in p.name]  # atomic_write's temp files
 
 
 def test_evaluate_row_clip_value_and_deterministic_images(ldm, clip_dir, prompt_file, tmp_path):

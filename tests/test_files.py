@@ -14,6 +14,8 @@ def test_atomic_write_replaces_and_keeps_old_on_failure(tmp_path):
     assert path.read_text() == "first"
 
     def fails_half_way(tmp):
+        # this process's own temp file: a concurrent writer of the same path (another pid) writes another one
+        assert tmp.name == f"a.json.tmp-{socket.gethostname()}-{os.getpid()}"
         tmp.write_text("half")
         raise OSError("disk full")
 
