@@ -199,8 +199,8 @@ def generate(
             (an exported ``LCMScheduler`` records it) or 50.
         timestep_scaling: the LCM boundary scaling; default: the scheduler config the same way, or 10.
         image_size: side of the square images, a multiple of the VAE factor; default: the UNet's native size.
-        decode_chunk_size: images per VAE decode call; default: as many as make about one 1024 px image
-            (at most 64): 64 at 32-128 px, 4 at 512 px, 1 at 768 px and above.
+        decode_chunk_size: images per VAE call (decode, and encode of init images); default: as many as make
+            about one 1024 px image (at most 64): 64 at 32-128 px, 4 at 512 px, 1 at 768 px and above.
         truncate: cut prompts longer than the text encoder's context instead of raising.
         output: ``"images"`` (N, 3, H, W) in [0, 1] or ``"latents"``.
 
@@ -243,7 +243,7 @@ def generate(
         kwargs["timestep_scaling"] = float(timestep_scaling if timestep_scaling is not None
                                            else config.get("timestep_scaling", 10.0))
     latent_shape = (model.latent_shape[0], image_size // factor, image_size // factor)
-    # By default about one 1024 px image per VAE decode call: the decoder's activations dominate memory there.
+    # By default about one 1024 px image per VAE call: the VAE's activations dominate memory there.
     decode_chunk = decode_chunk_size or max(1, min(64, 2**20 // image_size**2))
     w_cond = is_w_conditioned(model.unet)
     # inference_mode is cheaper than no_grad (no autograd version tracking).
@@ -258,7 +258,7 @@ def generate(
             if images is None:
                 latents = noise
             else:
-                clean = model.codec.encode(images[chunk].to(device) * 2 - 1)
+                clean = model.codec.encode(images[chunk].to(device) * 2 - 1, chunk_size=decode_chunk)
                 latents = noised_start(clean, schedule, timesteps[0], noise).to(dtype)
             timestep_cond, uncond = None, None
             if w_cond:

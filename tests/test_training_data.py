@@ -248,6 +248,13 @@ def test_encode_dataset_skips_unreadable_items_and_matches_the_vae(folder, vae):
 
     mean, std, texts = cache.batch([4, 0, 4])
     assert torch.equal(mean[0], cache.mean[4]) and torch.equal(std[1], cache.std[0]) and texts[2] == cache.text[4]
+    # the VAE sees at most chunk_size images per call (a 512 px batch of 256 at once needs ~160 GiB), same cache
+    sizes, encode = [], vae.encode
+    vae.encode = lambda x: sizes.append(len(x)) or encode(x)
+    chunked, _ = encode_dataset(ds, vae, batch_size=3, progress=False, chunk_size=2)
+    assert sizes == [2, 1, 2, 2]  # loader batches of 3, 2 (one unreadable) and 2 readable items
+    torch.testing.assert_close(chunked.mean, cache.mean, rtol=1e-5, atol=1e-6)
+    assert chunked.text == cache.text
 
 
 def test_init_images_are_turned_upright_by_their_exif_orientation(tmp_path):

@@ -223,7 +223,7 @@ def build_data(cfg: BuildConfig) -> dict:
             labels.append([ATTRIBUTES[k].index(s.attributes[k]) for k in ATTRIBUTE_NAMES])
 
         def write(tmp: Path) -> None:
-            with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a bare .tmp name
+            with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to the temp name
                 np.savez(f, images=images, captions=np.array(captions), labels=np.array(labels, np.int64))
 
         atomic_write(path, write)

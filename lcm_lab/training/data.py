@@ -350,10 +350,17 @@ class LatentCache:
         return self.mean[idx], self.std[idx], [self.text[i] for i in idx.tolist()]
 
 
-def encode_dataset(dataset: Dataset, vae, batch_size: int = 256, device="cpu",
-                   progress: bool = True) -> tuple[LatentCache, int]:
+def encode_dataset(dataset: Dataset, vae, batch_size: int = 256, device="cpu", progress: bool = True,
+                   chunk_size: int | None = None) -> tuple[LatentCache, int]:
     """Encode every readable item of ``dataset`` in order with ``vae.encode(x).latent_dist`` (a diffusers
-    AutoencoderKL) and return the cache and the number of unreadable items skipped."""
+    AutoencoderKL) and return the cache and the number of unreadable items skipped.
+
+    Args:
+        batch_size: items read per loader batch.
+        chunk_size: images per VAE call; default as many as make about one 1024 px image (4 at 512 px, 1 at
+            1024 px, the whole batch at toy sizes): the encoder's activations take ~0.6 GiB per 512 px image in
+            float32, so a batch of 256 would need ~160 GiB.
+    """
     from tqdm.auto import tqdm
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
@@ -364,9 +371,11 @@ def encode_dataset(dataset: Dataset, vae, batch_size: int = 256, device="cpu",
             bar.update(len(batch["text"]) + batch["skipped"])
             if not batch["text"]:
                 continue
-            dist = vae.encode(batch["pixel_values"].to(device=device, dtype=vae.dtype)).latent_dist
-            means.append(dist.mean.float().cpu())
-            stds.append(dist.std.float().cpu())
+            pixels = batch["pixel_values"]
+            for chunk in pixels.split(chunk_size or max(1, 2**20 // (pixels.shape[-2] * pixels.shape[-1]))):
+                dist = vae.encode(chunk.to(device=device, dtype=vae.dtype)).latent_dist
+                means.append(dist.mean.float().cpu())
+                stds.append(dist.std.float().cpu())
             texts += batch["text"]
             indices.append(batch["index"])
     if not texts:
