@@ -289,6 +289,21 @@ def test_checkpoint_limit_and_tensorboard_logs(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
 
 
+def test_a_section_keeps_its_methods_defaults_for_the_keys_it_does_not_give(tmp_path):
+    """LCD's and RG-LCD's own train.output_dir (not LoopConfig's "outputs/run", where the two would meet) stays
+    when other train keys are given, from overrides or from a file's train section."""
+    for method in ("lcd", "rg_lcd"):
+        assert load_method_config(method, None, []).train.output_dir == f"outputs/{method}"
+        cfg = load_method_config(method, None, ["train.max_steps=5"])
+        assert cfg.train.output_dir == f"outputs/{method}" and cfg.train.max_steps == 5
+    config = tmp_path / "lcd.yaml"
+    config.write_text("train:\n  max_steps: 7\nobjective:\n  w_max: 6.0\n")
+    cfg = load_method_config("lcd", config, ["objective.w_min=2"])
+    assert (cfg.train.output_dir, cfg.train.max_steps, cfg.objective.w_min, cfg.objective.w_max) == ("outputs/lcd", 7, 2, 6)
+    with pytest.raises(ConfigError, match="train.max_steps must be int"):  # still checked in a section
+        load_method_config("lcd", config, ["train.max_steps=many"])
+
+
 def test_unknown_and_bad_config_keys_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="max_steps"):
         load_method_config("lcd", REPO / "configs/toy/lcd.yaml", ["train.max_step=3"])

@@ -124,20 +124,29 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def config_from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise :class:`ConfigError`."""
+def config_from_dict(cls: type[C], data: dict, prefix: str = "", base: C | None = None) -> C:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise :class:`ConfigError`. Keys the dict lacks
+    keep their values in ``base`` (default: ``cls``'s defaults)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
     types_ = _field_types(cls)
+    factories = {f.name: f.default_factory for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in types_:
             raise _unknown(str(key), list(types_), prefix)
-        kwargs[key] = _coerce(value, types_[key], f"{prefix}{key}")
+        tp, factory = types_[key], factories[key]
+        section = dataclasses.is_dataclass(tp) and (value is None or isinstance(value, dict))
+        if section and factory is not dataclasses.MISSING:
+            # A section starts from its field's default, not its class's: LCD's train.output_dir is outputs/lcd
+            # whichever other train keys are given.
+            kwargs[key] = config_from_dict(tp, value, f"{prefix}{key}.", base=factory())
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:  # __post_init__ validation
