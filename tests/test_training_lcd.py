@@ -313,6 +313,8 @@ def test_unknown_and_bad_config_keys_are_errors(tmp_path):
         load_method_config("lcd", None, ["objective.w_min=9", "objective.w_max=3"])
     with pytest.raises(ConfigError, match="must be int"):
         load_method_config("lcd", None, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match="model.teacher is empty"):  # an unset shell variable: not the toy teacher
+        load_method_config("lcd", REPO / "configs/sd15/lcd.yaml", ["model.teacher=", "data.path=/data/shards"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  batch_sise: 4\n")
     with pytest.raises(ConfigError, match="batch_size"):

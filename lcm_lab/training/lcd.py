@@ -57,6 +57,8 @@ class ModelConfig:
         "help": "Which full-LCD UNet becomes the exported pipeline's unet: 'target' (EMA) or 'online'."})
 
     def __post_init__(self) -> None:
+        if self.teacher is not None and not self.teacher.strip():  # e.g. model.teacher=$UNSET_VARIABLE
+            raise ValueError("model.teacher is empty: give a local diffusers pipeline folder (null = the toy teacher)")
         if self.export_unet not in ("target", "online"):
             raise ValueError(f"export_unet must be 'target' or 'online', got {self.export_unet!r}")
         if self.lora_rank < 1:
@@ -111,7 +113,7 @@ class LCDTask:
         from ..models.student import add_lora, make_w_student
 
         self.config = config
-        self.teacher_dir = Path(config.model.teacher) if config.model.teacher else toy_teacher_dir()
+        self.teacher_dir = Path(config.model.teacher) if config.model.teacher is not None else toy_teacher_dir()
         self.sdxl = is_sdxl_dir(self.teacher_dir)
         self.ldm = load_sdxl(self.teacher_dir) if self.sdxl else load_ldm(self.teacher_dir)
         if self.sdxl and not config.validation.prompts and config.train.validation_steps:
