@@ -97,6 +97,14 @@ def test_construction_errors(tmp_path, folder):
     (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n[1, 2]\n')
     with pytest.raises(ValueError, match="metadata.jsonl:2 is not a JSON object"):
         ImageCaptionFolder(folder)
+    # a caption column no row has: named as such, not as unreadable images
+    (folder / "metadata.jsonl").write_text('{"file_name": "0000000.png", "caption": "a red circle"}\n')
+    with pytest.raises(ValueError, match=r"no row of .*metadata.jsonl has the key 'text' \(data.caption_column\); "
+                                         r"its rows have \['caption', 'file_name'\]"):
+        ImageCaptionFolder(folder)
+    assert ImageCaptionFolder(folder, caption_column="caption")[0]["text"] == "a red circle"
+    with pytest.raises(ValueError, match=r"has the key 'image' \(data.image_column\)"):
+        ImageCaptionFolder(folder, image_column="image", caption_column="caption")
     (tmp_path / "bare" / "broken.tar").write_bytes(b"\x01" * 1024)
     with pytest.raises(ValueError, match="shard .*broken.tar is not a readable uncompressed tar"):
         TarShards(str(tmp_path / "bare"))

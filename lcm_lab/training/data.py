@@ -138,6 +138,10 @@ class ImageCaptionFolder(Dataset):
                     self.rows.append(row)
         if not self.rows:
             raise ValueError(f"{meta} lists no images")
+        for key, setting in ((image_column, "image_column"), (caption_column, "caption_column")):
+            if not any(key in row for row in self.rows):  # a wrong column name, not unreadable images
+                found = sorted({k for row in self.rows for k in row})
+                raise ValueError(f"no row of {meta} has the key {key!r} (data.{setting}); its rows have {found}")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -379,5 +383,6 @@ def encode_dataset(dataset: Dataset, vae, batch_size: int = 256, device="cpu", p
             texts += batch["text"]
             indices.append(batch["index"])
     if not texts:
-        raise ValueError(f"no readable images among the {len(dataset)} items of the dataset")
+        raise ValueError(f"no readable images among the {len(dataset)} items of the dataset (an item needs an image "
+                         "that decodes and a non-empty caption)")
     return LatentCache(torch.cat(means), torch.cat(stds), texts, torch.cat(indices)), skipped

@@ -216,7 +216,8 @@ class LCDTask:
                 empty_in_a_row += 1
                 if empty_in_a_row >= epoch:
                     raise ValueError(f"no readable image in {empty_in_a_row} batches in a row (an epoch of the "
-                                       f"{len(self.dataset)}-item dataset); check data.path")
+                                       f"{len(self.dataset)}-item dataset; an item needs an image that decodes and "
+                                       "a non-empty caption); check data.path and data.caption_column")
 
     # ------------------------------------------------------------------ one step
     def _latents_and_text(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, list[str], int]:
