@@ -555,8 +555,9 @@ def test_unsupported_or_mismatched_accelerators_are_refused_before_set_up(tmp_pa
 
     from accelerate.utils import DistributedType
 
-    def accelerator(kind, accumulation=1, **more):
-        return SimpleNamespace(gradient_accumulation_steps=accumulation, distributed_type=kind, **more)
+    def accelerator(kind, accumulation=1, mixed_precision="no", **more):
+        return SimpleNamespace(gradient_accumulation_steps=accumulation, distributed_type=kind,
+                               mixed_precision=mixed_precision, **{"native_amp": mixed_precision != "no", **more})
 
     cfg = load_method_config("lcd", REPO / "configs/toy/lcd.yaml", tiny_overrides(tmp_path, 2))
     task = LCDTask(cfg)
@@ -575,6 +576,11 @@ def test_unsupported_or_mismatched_accelerators_are_refused_before_set_up(tmp_pa
             train(cfg.train, task, accelerator(DistributedType.FSDP, is_fsdp2=True, state=state))
     with pytest.raises(ValueError, match="accumulates 4 micro-batches but train.gradient_accumulation_steps is 1"):
         train(cfg.train, task, accelerator(DistributedType.NO, accumulation=4))
+    # float16 on CPU: accelerate runs no autocast (native_amp False, as Accelerator(cpu=True, mixed_precision="fp16")
+    # sets it), so the float16 teacher would meet float32 inputs in the first step
+    with pytest.raises(ValueError, match="train.mixed_precision=fp16 needs a GPU; on cpu use 'bf16' or 'no'"):
+        train(cfg.train, task, accelerator(DistributedType.NO, mixed_precision="fp16", native_amp=False,
+                                           device=torch.device("cpu")))
     assert task.objective is None  # refused before any set-up
     lora = load_method_config("lcd", REPO / "configs/toy/lcd_lora.yaml", tiny_overrides(tmp_path, 2))
     with pytest.raises(ValueError, match="FSDP is not supported for this run: model.lora=true"):

@@ -247,6 +247,9 @@ def train(cfg: LoopConfig, task: Task, accelerator=None) -> Path:
     if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
         raise ValueError(f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
                          f"train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps}")
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
+        # accelerate runs no float16 autocast there (CPU), so the float16 frozen nets would meet float32 inputs
+        raise ValueError(f"train.mixed_precision=fp16 needs a GPU; on {accelerator.device.type} use 'bf16' or 'no'")
     kind = accelerator.distributed_type.value
     if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise ValueError(f"{kind} is not supported: lcm_lab's EMA target, checkpoints and export follow DDP's "
