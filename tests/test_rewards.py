@@ -795,3 +795,27 @@ def test_a_json_configs_preprocessing_reaches_the_model(tmp_path):
     assert tuple(from_dict.visual.preprocess_cfg["mean"]) == pytest.approx(OPENAI_CLIP_MEAN)
     assert from_dict.visual.preprocess_cfg["resize_mode"] == "shortest"
     assert from_file.state_dict().keys() == from_dict.state_dict().keys()
+
+
+def test_imagereward_package_that_cannot_import_says_why(monkeypatch):
+    """image-reward's BLIP code imports helpers transformers 5 removed: the error says so instead of advising a
+    reinstall that cannot help; a missing package says how to install it."""
+    import importlib
+
+    from lcm_lab.rewards import imagereward
+
+    def fails(message, name=None):
+        def import_module(module):
+            raise (ModuleNotFoundError if name else ImportError)(message, name=name)
+        return import_module
+
+    monkeypatch.setattr(importlib, "import_module", fails(
+        "cannot import name 'apply_chunking_to_forward' from 'transformers.modeling_utils'"))
+    with pytest.raises(ImportError, match=r"does not import under transformers .*needs transformers < 5"):
+        imagereward._imagereward_class()
+    monkeypatch.setattr(importlib, "import_module", fails("No module named 'ImageReward'", name="ImageReward"))
+    with pytest.raises(ImportError, match="not installed. Install it with `pip install image-reward`"):
+        imagereward._imagereward_class()
+    monkeypatch.setattr(importlib, "import_module", fails("No module named 'fairscale'", name="fairscale"))
+    with pytest.raises(ImportError, match="failed to import .*reinstall it"):
+        imagereward._imagereward_class()

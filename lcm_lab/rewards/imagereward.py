@@ -3,10 +3,11 @@ Text-to-Image Generation", https://github.com/THUDM/ImageReward).
 
 A BLIP ViT-L image encoder, a BERT text encoder that cross-attends to the image, and an MLP
 on the ``[CLS]`` feature, standardised with the training set's mean and std (scores are
-roughly N(0, 1) over generations). RG-LCD (Li et al. 2024) trains with ``min(r, 2)``:
-pass ``clip_max=2.0``.
+roughly N(0, 1) over generations). RG-LCD (Li et al. 2024) trains with ``min(r, 2) - 2``:
+pass ``clip_max=2.0`` (the constant -2 changes no gradient and no preference).
 
-This reward needs the optional ``image-reward`` package (``pip install image-reward``); its
+This reward needs the optional ``image-reward`` package (``pip install image-reward``; it
+imports under transformers < 5 only, its BLIP code using helpers that transformers 5 removed); its
 BLIP code also loads the ``bert-base-uncased`` tokenizer through transformers, which must
 be in the local Hugging Face cache when running offline.
 """
@@ -14,6 +15,7 @@ be in the local Hugging Face cache when running offline.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -44,8 +46,16 @@ def _imagereward_class():
         raise ImportError(f"the ImageReward package is installed but failed to import ({error}); reinstall it "
                           f"with `{INSTALL_HINT}` and its dependencies") from error
     except ImportError as error:
-        raise ImportError(f"the ImageReward package is installed but failed to import ({error}); it may not be "
-                          f"compatible with the installed transformers. Reinstall with `{INSTALL_HINT}`") from error
+        if "transformers" in str(error):
+            # image-reward 1.5's BLIP code imports helpers (apply_chunking_to_forward, ...) from
+            # transformers.modeling_utils that transformers 5 removed: reinstalling it cannot help.
+            installed = importlib.metadata.version("transformers")
+            raise ImportError(
+                f"the ImageReward package is installed but does not import under transformers {installed} ({error}): "
+                "its BLIP code needs transformers < 5. Run it in an environment with transformers < 5, or use "
+                "another reward (e.g. hpsv2, pickscore).") from error
+        raise ImportError(f"the ImageReward package is installed but failed to import ({error}); reinstall it "
+                          f"with `{INSTALL_HINT}` and its dependencies") from error
     return module.ImageReward
 
 
