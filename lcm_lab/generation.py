@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .arg_types import MAX_SEED
 from .core.denoiser import UNetModel
+from .core.latents import images_per_vae_call
 from .core.noise import generators_for_seeds, randn
 from .core.parameterization import guidance_scale_embedding
 from .core.sampling import SAMPLERS, noised_start, timesteps_for
@@ -190,9 +191,10 @@ def generate(
             the posterior from their generator, so their images differ from these by that draw.
         strength: how far towards noise the init images are taken, in (0, 1], applied as the folder's stock
             img2img pipeline does (:func:`~lcm_lab.models.sd.strength_in_scheduler`):
-            ``LatentConsistencyModelImg2ImgPipeline`` (LCM folders, LCM/TCD samplers) runs all ``steps`` on a
-            grid laid out for ``strength``; ``StableDiffusion(XL)Img2ImgPipeline`` (other folders; DDIM
-            always) runs the last ``int(steps * strength)`` steps of the full grid.
+            on LCM folders all ``steps`` run on a grid laid out for ``strength``
+            (``LatentConsistencyModelImg2ImgPipeline``; TCD as ``TCDScheduler.set_timesteps(strength=...)``);
+            ``StableDiffusion(XL)Img2ImgPipeline`` (other folders; DDIM always) runs the last
+            ``int(steps * strength)`` steps of the full grid.
         batch_size: images per network call.
         gamma: TCD's stochasticity.
         original_inference_steps: LCM/TCD distillation grid size; default: the model's scheduler config
@@ -243,8 +245,7 @@ def generate(
         kwargs["timestep_scaling"] = float(timestep_scaling if timestep_scaling is not None
                                            else config.get("timestep_scaling", 10.0))
     latent_shape = (model.latent_shape[0], image_size // factor, image_size // factor)
-    # By default about one 1024 px image per VAE call: the VAE's activations dominate memory there.
-    decode_chunk = decode_chunk_size or max(1, min(64, 2**20 // image_size**2))
+    decode_chunk = decode_chunk_size or min(64, images_per_vae_call(image_size, image_size))
     w_cond = is_w_conditioned(model.unet)
     # inference_mode is cheaper than no_grad (no autograd version tracking).
     with torch.inference_mode():

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..core.latents import images_per_vae_call
 from ..imaging import IMAGE_EXTENSIONS, to_rgb
 
 DATASET_TYPES = ("toy", "folder", "webdataset")
@@ -361,9 +362,8 @@ def encode_dataset(dataset: Dataset, vae, batch_size: int = 256, device="cpu", p
 
     Args:
         batch_size: items read per loader batch.
-        chunk_size: images per VAE call; default as many as make about one 1024 px image (4 at 512 px, 1 at
-            1024 px, the whole batch at toy sizes): the encoder's activations take ~0.6 GiB per 512 px image in
-            float32, so a batch of 256 would need ~160 GiB.
+        chunk_size: images per VAE call; default :func:`~lcm_lab.core.latents.images_per_vae_call` (4 at 512
+            px, the whole batch at toy sizes): a 512 px batch of 256 in one call would need ~160 GiB.
     """
     from tqdm.auto import tqdm
 
@@ -376,7 +376,7 @@ def encode_dataset(dataset: Dataset, vae, batch_size: int = 256, device="cpu", p
             if not batch["text"]:
                 continue
             pixels = batch["pixel_values"]
-            for chunk in pixels.split(chunk_size or max(1, 2**20 // (pixels.shape[-2] * pixels.shape[-1]))):
+            for chunk in pixels.split(chunk_size or images_per_vae_call(*pixels.shape[-2:])):
                 dist = vae.encode(chunk.to(device=device, dtype=vae.dtype)).latent_dist
                 means.append(dist.mean.float().cpu())
                 stds.append(dist.std.float().cpu())

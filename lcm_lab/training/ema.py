@@ -51,10 +51,11 @@ class EMA:
         """Follow ``online`` after its parameters were replaced: FSDP shards the prepared student into new
         ``DTensor`` parameters, and :func:`~lcm_lab.training.sharding.shard_like` the shadow model the same way,
         so the update stays a local ``lerp`` of matching shards."""
-        reshard(self.model)
+        self._units = fsdp_units(self.model)
+        for unit in self._units:
+            unit.reshard()
         reshard(online)
         self._bind(online)
-        self._units = fsdp_units(self.model)
 
     @torch.no_grad()
     def update(self) -> None:
