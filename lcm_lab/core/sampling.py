@@ -390,13 +390,14 @@ def timesteps_for(
       ``LatentConsistencyModelImg2ImgPipeline``).
     - ``"tcd"``: :func:`~lcm_lab.core.schedules.tcd_timesteps` (config-style ``original_inference_steps``;
       strength handled inside the grid, as ``TCDScheduler.set_timesteps(..., strength=...)``).
-
-    LCM and TCD handle strength as their schedulers do, which is what ``LatentConsistencyModelImg2ImgPipeline``
-    runs; the other img2img pipelines trim the full grid instead (4 steps at strength 0.5: [499, 379, 259, 139]
-    here, [499, 259] there), which :func:`lcm_lab.generation.sampling_grid` does for their folders.
     - ``"ddim"``: :func:`~lcm_lab.core.schedules.ddim_timesteps` with ``timestep_spacing`` /
       ``steps_offset`` (SD defaults: "leading", 1), then :func:`~lcm_lab.core.schedules.img2img_timesteps`
       for ``strength < 1`` (``StableDiffusionImg2ImgPipeline``). ``original_inference_steps`` is unused.
+
+    LCM and TCD handle strength as their schedulers do; the img2img pipelines other than
+    ``LatentConsistencyModelImg2ImgPipeline`` trim the full grid instead (4 steps at strength 0.5:
+    [499, 379, 259, 139] here, [499, 259] there), which :func:`lcm_lab.generation.sampling_grid` does for
+    their folders.
 
     Args:
         sampler_name (`str`): a key of :data:`SAMPLERS`.
